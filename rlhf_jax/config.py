@@ -1,0 +1,40 @@
+"""Shared config pieces for experiment files (big_vision style ConfigDicts).
+
+An experiment file's `get_config()` starts from these sections and overrides
+what it needs; every value can be overridden on the command line
+(`--config.optim.lr=3e-4`). Unknown keys are rejected by ml_collections.
+"""
+from __future__ import annotations
+
+import ml_collections as mlc
+
+from rlhf_jax.model.config import GPTConfig
+
+
+def model(preset: str = "tiny", **overrides) -> mlc.ConfigDict:
+  """Model section: a preset name plus field overrides (see rlhf_jax.model.config.GPTConfig)."""
+  return mlc.ConfigDict({"preset": preset, **overrides})
+
+
+def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> mlc.ConfigDict:
+  """Mesh section: devices along (data, fsdp, tensor); -1 = all remaining devices."""
+  return mlc.ConfigDict({"data": data, "fsdp": fsdp, "tensor": tensor})
+
+
+def optim(lr: float = 3e-4, total_steps: int = 1000, warmup_steps: int = 50, schedule: str = "cosine",
+          weight_decay: float = 0.1, grad_clip: float = 1.0, b1: float = 0.9, b2: float = 0.95,
+          eps: float = 1e-8, end_lr_factor: float = 0.0, microbatches: int = 1) -> mlc.ConfigDict:
+  return mlc.ConfigDict(dict(lr=lr, total_steps=total_steps, warmup_steps=warmup_steps, schedule=schedule,
+                             weight_decay=weight_decay, grad_clip=grad_clip, b1=b1, b2=b2, eps=eps,
+                             end_lr_factor=end_lr_factor, microbatches=microbatches))
+
+
+def loop(num_steps: int = 1000, log_every: int = 20, eval_every: int = 0, ckpt_every: int = 200,
+         progress: bool = True) -> mlc.ConfigDict:
+  return mlc.ConfigDict(dict(num_steps=num_steps, log_every=log_every, eval_every=eval_every,
+                             ckpt_every=ckpt_every, progress=progress))
+
+
+def model_config(section) -> GPTConfig:
+  """ConfigDict model section -> validated GPTConfig (unknown keys raise ValueError)."""
+  return GPTConfig.from_dict(section.to_dict() if hasattr(section, "to_dict") else section)

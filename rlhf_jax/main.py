@@ -1,0 +1,98 @@
+"""Runs an experiment file.
+
+  python -m rlhf_jax.main --config experiments/pretrain_tiny.py --workdir runs/pretrain \
+      [--config.optim.lr=1e-3] [--sweep] [--sweep_index=N]
+
+An experiment file defines `get_config()` (an ml_collections ConfigDict) and
+`train(config, workdir) -> dict` (it composes model, losses and the shared
+loop); optionally `get_sweep() -> list[dict]` of flattened overrides, run one
+after another (or only `--sweep_index`) in `workdir/sweep/<overrides>`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file defining get_config().",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+_SWEEP = flags.DEFINE_bool("sweep", False, "Run the experiment's get_sweep() points one after another.")
+_SWEEP_INDEX = flags.DEFINE_integer("sweep_index", -1, "Run only this sweep point (e.g. one per cluster job).")
+
+
+def load_experiment(path: str):
+  """Imports an experiment file as a module."""
+  if not os.path.exists(path):
+    raise ValueError(f"experiment file {path} does not exist")
+  name = "experiment_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  spec.loader.exec_module(module)
+  for attr in ("get_config", "train"):
+    if not hasattr(module, attr):
+      raise ValueError(f"experiment file {path} defines no {attr}()")
+  return module
+
+
+def sweep_name(overrides: dict) -> str:
+  return ",".join(f"{k}={v}" for k, v in sorted(overrides.items())).replace("/", "_") or "base"
+
+
+def apply_overrides(config, overrides: dict):
+  """A copy of `config` with flattened overrides ({"optim.lr": 1e-3}); unknown keys raise."""
+  config = config.copy_and_resolve_references()
+  for key, value in overrides.items():
+    try:
+      config.update_from_flattened_dict({key: value})
+    except (KeyError, AttributeError) as e:
+      raise ValueError(f"sweep override {key!r}: no such config key") from e
+  return config
+
+
+def run(experiment, config, workdir: str, sweep: bool = False, sweep_index: int = -1) -> list[dict]:
+  if not sweep:
+    return [experiment.train(config, workdir)]
+  if not hasattr(experiment, "get_sweep"):
+    raise ValueError("--sweep given, but the experiment file defines no get_sweep()")
+  points = list(experiment.get_sweep())
+  if sweep_index >= 0:
+    if sweep_index >= len(points):
+      raise ValueError(f"--sweep_index={sweep_index} but the sweep has {len(points)} points")
+    points = [points[sweep_index]]
+  results = []
+  for overrides in points:
+    sub = os.path.join(workdir, "sweep", sweep_name(overrides))
+    logging.info("sweep point %s -> %s", overrides, sub)
+    result = experiment.train(apply_overrides(config, overrides), sub)
+    results.append({"overrides": overrides, "workdir": sub, "result": result})
+  with open(os.path.join(workdir, "sweep_results.json"), "w") as f:
+    json.dump(results, f, indent=2, default=str)
+  return results
+
+
+def main(argv):
+  del argv
+  logging.getLogger().setLevel(logging.INFO)
+  if _WORKDIR.value is None:
+    raise app.UsageError("--workdir is required")
+  from rlhf_jax import parallel
+  parallel.initialize_distributed()
+  path = config_flags.get_config_filename(flags.FLAGS["config"])
+  experiment = load_experiment(path)
+  run(experiment, _CONFIG.value, _WORKDIR.value, _SWEEP.value, _SWEEP_INDEX.value)
+
+
+def entry():
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
+
+
+if __name__ == "__main__":
+  entry()

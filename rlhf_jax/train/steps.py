@@ -1,0 +1,45 @@
+"""Generic train/eval steps built from a loss function (used by experiment files).
+
+A loss function has the signature `loss_fn(params, batch, rng) -> (loss, metrics)`;
+these helpers turn it into the pure `step(state, batch) -> (state, metrics)`
+that the shared loop runs.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.losses.lm import lm_loss
+from rlhf_jax.model import gpt
+from rlhf_jax.train.state import accumulate_gradients, apply_gradients
+
+
+def make_train_step(loss_fn, optimizer, microbatches: int = 1):
+  """(state, batch) -> (state, metrics): grads (optionally accumulated), AdamW update, grad norm."""
+  def step(state, batch):
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    (loss, metrics), grads = accumulate_gradients(loss_fn, state["params"], batch, microbatches, rng)
+    new_state = apply_gradients(state, grads, optimizer)
+    return new_state, {**metrics, "loss": loss, "grad_norm": _global_norm(grads)}
+  return step
+
+
+def make_eval_step(loss_fn):
+  """params, batch -> metrics (deterministic: rng None disables dropout)."""
+  def step(params, batch):
+    loss, metrics = loss_fn(params, batch, None)
+    return {**metrics, "loss": loss}
+  return step
+
+
+def _global_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def lm_loss_fn(model_cfg):
+  """Next-token loss on batch {"tokens","targets","mask": [B,T]} (mask selects the trained tokens)."""
+  def loss_fn(params, batch, rng):
+    attn = batch.get("attention_mask")
+    logits = gpt.logits(params, model_cfg, batch["tokens"], attn, dropout_rng=rng)
+    return lm_loss(logits, batch["targets"], batch["mask"])
+  return loss_fn
