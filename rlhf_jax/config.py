@@ -38,3 +38,25 @@ def loop(num_steps: int = 1000, log_every: int = 20, eval_every: int = 0, ckpt_e
 def model_config(section) -> GPTConfig:
   """ConfigDict model section -> validated GPTConfig (unknown keys raise ValueError)."""
   return GPTConfig.from_dict(section.to_dict() if hasattr(section, "to_dict") else section)
+
+
+def apply_overrides(config, overrides: dict):
+  """A copy of `config` with flattened overrides ({"optim.lr": 1e-3}); unknown keys raise."""
+  config = config.copy_and_resolve_references()
+  config.lock()  # an override may change a value, never add a key
+  for key, value in overrides.items():
+    try:
+      config.update_from_flattened_dict({key: value})
+    except (KeyError, AttributeError) as e:
+      raise ValueError(f"sweep override {key!r}: no such config key") from e
+  return config
+
+
+def apply_preset(config, presets: dict):
+  """Applies `presets[config.preset]` (flattened overrides) and ties optim.total_steps to the loop."""
+  if config.preset not in presets:
+    raise ValueError(f"preset must be one of {sorted(presets)}, got {config.preset!r}")
+  config = apply_overrides(config, presets[config.preset])
+  if "optim" in config and "loop" in config:
+    config.optim.total_steps = config.loop.num_steps
+  return config

@@ -19,6 +19,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from rlhf_jax.config import apply_overrides
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file defining get_config().",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
@@ -45,17 +47,6 @@ def sweep_name(overrides: dict) -> str:
   return ",".join(f"{k}={v}" for k, v in sorted(overrides.items())).replace("/", "_") or "base"
 
 
-def apply_overrides(config, overrides: dict):
-  """A copy of `config` with flattened overrides ({"optim.lr": 1e-3}); unknown keys raise."""
-  config = config.copy_and_resolve_references()
-  for key, value in overrides.items():
-    try:
-      config.update_from_flattened_dict({key: value})
-    except (KeyError, AttributeError) as e:
-      raise ValueError(f"sweep override {key!r}: no such config key") from e
-  return config
-
-
 def run(experiment, config, workdir: str, sweep: bool = False, sweep_index: int = -1) -> list[dict]:
   if not sweep:
     return [experiment.train(config, workdir)]
@@ -77,9 +68,18 @@ def run(experiment, config, workdir: str, sweep: bool = False, sweep_index: int 
   return results
 
 
+class _QuietLibraries(logging.Filter):
+  """Keeps orbax's per-save INFO chatter out of the run log (warnings still pass)."""
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
 def main(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_QuietLibraries())
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
   from rlhf_jax import parallel

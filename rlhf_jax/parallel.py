@@ -190,6 +190,25 @@ def put_batch(batch, mesh: Mesh, rules=DEFAULT_RULES):
   return jax.tree.map(one, batch)
 
 
+class ShardedBatches:
+  """Wraps a host-batch iterator to yield global sharded arrays; forwards get/set_state."""
+
+  def __init__(self, host_iterator, mesh: Mesh, rules=DEFAULT_RULES):
+    self.it, self.mesh, self.rules = host_iterator, mesh, rules
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return put_batch(next(self.it), self.mesh, self.rules)
+
+  def get_state(self):
+    return self.it.get_state()
+
+  def set_state(self, state):
+    self.it.set_state(state)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

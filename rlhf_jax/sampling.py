@@ -310,7 +310,7 @@ def sequence_logprobs(params, config, tokens, mask, temperature=1.0, dropout_rng
 
   tokens int [B,T]: the full left-padded prompt + right-padded response; mask [B,T] (1 = real).
   Returns float32 [B,T-1]: out[:, t] = log_softmax(logits[:, t] / temperature)[tokens[:, t+1]],
-  zeroed where mask[:, t+1] == 0. The response of a `generate` call with prompt length Tp
+  zeroed unless both tokens t and t+1 are real (the first real token has no context). The response of a `generate` call with prompt length Tp
   sits at out[:, Tp-1:].
   """
   cfg = _config(config)
@@ -323,7 +323,7 @@ def sequence_logprobs(params, config, tokens, mask, temperature=1.0, dropout_rng
   logits = gpt.logits(params, cfg, tokens, mask, dropout_rng)[:, :-1]
   logp = jax.nn.log_softmax(logits / temperature, axis=-1)
   out = jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
-  return jnp.where(mask[:, 1:] > 0, out, 0.0)
+  return jnp.where((mask[:, :-1] > 0) & (mask[:, 1:] > 0), out, 0.0)
 
 
 # ----------------------------------------------------------------- beam search
@@ -426,7 +426,8 @@ def beam_search(params, config, prompt_tokens, prompt_mask, *, beam_width: int, 
   (length_penalty 0: raw sum; 1: mean log-prob). Finished (EOS) hypotheses are kept in
   a pool of the beam_width best scores; alive beams are ranked by their raw sum. The
   loop stops early once no alive beam can beat the best finished one (exact when
-  length_penalty >= 0).
+  length_penalty >= 0). eos_id None = no EOS. Static (recompiling): shapes, beam_width,
+  max_new_tokens; eos_id, pad_id and length_penalty are traced.
   prompt_tokens int [B,Tp], prompt_mask [B,Tp] (LEFT-padded).
   Returns dict: tokens int32 [B,N] (pad_id after EOS), scores float32 [B], lengths int32 [B].
   """

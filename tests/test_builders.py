@@ -108,6 +108,42 @@ def test_hh_manual_dir_without_subset_files_is_an_error(tmp_path):
         B.load("hh_rlhf/harmless-base", "test", tmp_path / "d", manual_dir=tmp_path / "nothing")
 
 
+def fake_download(monkeypatch, files: dict):
+    """Serves ``url -> local file`` in place of the network; records the requested URLs."""
+    import tensorflow_datasets as tfds
+    requested = []
+    def download(self, urls):
+        requested.extend(urls.values())
+        return {k: files[url] for k, url in urls.items()}
+    monkeypatch.setattr(tfds.download.DownloadManager, "download", download)
+    return requested
+
+
+def test_hh_download_path_uses_lfs_media_urls_and_rejects_pointers(tmp_path, monkeypatch):
+    pair = {"chosen": "\n\nHuman: q\n\nAssistant: good", "rejected": "\n\nHuman: q\n\nAssistant: bad"}
+    data = tmp_path / "data.jsonl.gz"
+    data.write_bytes(gzip.compress((json.dumps(pair) + "\n").encode()))
+    url = "https://media.githubusercontent.com/media/anthropics/hh-rlhf/master/harmless-base/{}.jsonl.gz"
+    requested = fake_download(monkeypatch, {url.format("train"): data, url.format("test"): data})
+    src = B.load("hh_rlhf/harmless-base", "train", tmp_path / "d")
+    assert sorted(requested) == [url.format("test"), url.format("train")]
+    assert [strip_id(e) for e in src] == [{"messages": [{"role": "user", "content": "q"}],
+                                           "responses": ["good", "bad"], "ranks": [0, 1]}]
+    pointer = tmp_path / "pointer"
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 1\n")
+    fake_download(monkeypatch, {url.format("train"): pointer, url.format("test"): pointer})
+    with pytest.raises(ValueError, match="Git LFS pointer"):
+        B.load("hh_rlhf/harmless-base", "train", tmp_path / "d2")
+
+
+def test_source_feeds_grain(hh):
+    grain = pytest.importorskip("grain")
+    src = hh[0]
+    ds = grain.MapDataset.source(src).shuffle(seed=0)
+    ids = [ds[i]["id"] for i in range(len(ds))]
+    assert len(ids) == len(src) and sorted(ids) == sorted(e["id"] for e in src)
+
+
 # -------------------------------------------------------------------------------------- OASST
 
 

@@ -97,8 +97,9 @@ def test_gradient_accumulation_matches_full_batch(reference):
   _, state, metrics = _one_step((2, 1, 1), microbatches=2)
   # Every micro-batch has the same number of loss tokens, so the mean of means is the full mean.
   np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
-  diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state["params"], ref_state["params"])
-  assert max(jax.tree.leaves(diffs)) < 1e-5
+  diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(jax.device_get(a) - jax.device_get(b)))),
+                       state["params"], ref_state["params"])
+  assert max(jax.tree.leaves(diffs)) < 5e-5
 
 
 def test_logical_rules():

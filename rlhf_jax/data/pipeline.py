@@ -5,14 +5,638 @@ saved in every checkpoint by the training loop, so a resumed run continues with
 the exact next batch. Each host reads a disjoint shard (`shard_index`,
 `shard_count`, by default `jax.process_index()`/`jax.process_count()`), and the
 per-host batch is the global batch divided by the number of hosts.
+
+Three record pipelines sit next to the packed-LM one (record schemas: `records.py`):
+
+  SFT          demonstration -> {"tokens","targets","mask","attention_mask"}: int32 [B, T]
+  reward model comparison    -> {"tokens","attention_mask"}: int32 [B, K, T],
+                                {"ranks","reward_index"}: int32 [B, K], {"valid"}: bool [B, K]
+  PPO prompts  prompt         -> {"tokens","attention_mask"}: int32 [B, P] (LEFT padded),
+                                {"index"}: int32 [B] (position of the record in `records`)
+
+Sequences are right padded with `pad_id` (prompts for generation are left padded). A prompt
+that is too long loses its oldest whole turns first (a leading system message is always kept);
+if the latest turn alone is still too long, the left of its content is cut (its role token
+stays). The response has priority over the prompt: it is kept whole whenever it fits next to
+the shortest acceptable prompt, else cut at the right (and then has no closing EOS).
+
+Every record is checked once, before the iterator is built (a "scan"): records with a missing
+key raise ValueError naming the record; records that cannot yield a usable example are skipped,
+and truncations are counted, in a `PipelineStats` that is logged and attached to the iterator
+as `.stats` (eval batch lists carry `.stats` too). Only kept records are sharded over hosts, and
+each host gets the same number of them (the < shard_count leftover is counted as `unassigned`),
+so every host produces the same number of batches.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import collections
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import grain
 import jax
 import numpy as np
+
+from rlhf_jax.data.chat_format import validate_messages
+from rlhf_jax.data.comparisons import comparisons_to_pairs, label_comparisons  # noqa: F401 (re-export)
+from rlhf_jax.data.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+# Bounded background work: on a few CPU cores a deep prefetch only steals time from the train step.
+READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
+
+Records = Sequence[Mapping[str, Any]]  # a list, or any random-access source (len + getitem)
+
+# Skip reasons (the record gives no example) and truncation events (it does, shortened).
+SKIP_REASONS = ("prompt_too_long", "empty_response", "fewer_than_2_responses", "all_tied")
+TRUNCATIONS = ("prompt_turns_dropped", "prompt_cut", "response_cut", "responses_subsampled")
+
+
+# ------------------------------------------------------------------------------------ stats
+
+
+@dataclasses.dataclass
+class PipelineStats:
+  """What a pipeline did with its records (the same on every host).
+
+  seen: records scanned; kept: records that give an example; skipped: records left out, by
+  reason (SKIP_REASONS); truncated: truncation events, by kind (TRUNCATIONS; once per record,
+  except `response_cut` in comparisons, once per cut response); dropped_responses: responses
+  removed from kept comparisons (`empty_response`, `over_k_max`); first: the record where each
+  reason/kind first occurred; unassigned: kept records left out so every host has the same
+  number (training only; eval keeps them); host_records: records this host iterates per epoch.
+  """
+
+  name: str
+  seen: int = 0
+  kept: int = 0
+  skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  truncated: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  dropped_responses: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  first: dict[str, str] = dataclasses.field(default_factory=dict)
+  unassigned: int = 0
+  host_records: int = 0
+
+  def _note(self, counter: collections.Counter, reason: str, where: str) -> None:
+    counter[reason] += 1
+    self.first.setdefault(reason, where)
+
+  @property
+  def num_skipped(self) -> int:
+    return sum(self.skipped.values())
+
+  def as_dict(self) -> dict[str, Any]:
+    return {"name": self.name, "seen": self.seen, "kept": self.kept,
+            "skipped": dict(sorted(self.skipped.items())),
+            "truncated": dict(sorted(self.truncated.items())),
+            "dropped_responses": dict(sorted(self.dropped_responses.items())),
+            "first": dict(sorted(self.first.items())),
+            "unassigned": self.unassigned, "host_records": self.host_records}
+
+  def summary(self) -> str:
+    def fmt(c):
+      return ", ".join(f"{k}={v} (first at {self.first[k]})" for k, v in sorted(c.items())) or "none"
+    return (f"{self.name}: {self.seen} records seen, {self.kept} kept, {self.num_skipped} skipped "
+            f"[{fmt(self.skipped)}]; truncated [{fmt(self.truncated)}]; dropped responses "
+            f"[{fmt(self.dropped_responses)}]; {self.unassigned} unassigned to hosts; "
+            f"{self.host_records} on this host")
+
+  def log(self) -> None:
+    log.log(logging.WARNING if self.num_skipped else logging.INFO, "%s", self.summary())
+
+
+class BatchList(list):
+  """A list of eval batches that also carries the `PipelineStats` of its records as `.stats`."""
+
+  stats: PipelineStats
+
+
+# ------------------------------------------------------------------------ record validation
+
+
+def _where(record: Any, index: int) -> str:
+  rid = record.get("id") if isinstance(record, Mapping) else None
+  return f"record {index}" + (f" (id {rid!r})" if rid not in (None, "") else "")
+
+
+def _get(record: Any, key: str, where: str) -> Any:
+  if not isinstance(record, Mapping):
+    raise ValueError(f"pipeline.py: {where}: expected a dict record, got {type(record).__name__}")
+  if key not in record:
+    raise ValueError(f"pipeline.py: {where}: missing key {key!r} (record has keys {sorted(record)})")
+  return record[key]
+
+
+def _messages(record: Any, where: str) -> list[dict]:
+  messages = _get(record, "messages", where)
+  try:
+    validate_messages(messages)
+  except ValueError as e:
+    raise ValueError(f"pipeline.py: {where}: key 'messages': {e}") from None
+  return list(messages)
+
+
+def _prompt_messages(record: Any, where: str) -> list[dict]:
+  messages = _messages(record, where)
+  if messages[-1]["role"] == "assistant":
+    raise ValueError(f"pipeline.py: {where}: key 'messages': a prompt must end with a user turn, "
+                     "not an assistant turn")
+  return messages
+
+
+def _demonstration_parts(record: Any, where: str) -> tuple[list[dict], str]:
+  """(prompt messages, response text) from {"messages": [..., assistant]} or the synthetic
+  world's {"messages": [..., user], "response": str}."""
+  messages = _messages(record, where)
+  if "response" in record and messages[-1]["role"] != "assistant":
+    response = record["response"]
+    if not isinstance(response, str):
+      raise ValueError(f"pipeline.py: {where}: key 'response': expected str, got {type(response).__name__}")
+    return messages, response
+  if messages[-1]["role"] != "assistant":
+    raise ValueError(f"pipeline.py: {where}: key 'messages': a demonstration must end with the assistant "
+                     "response (or give it as 'response')")
+  if len(messages) < 2:
+    raise ValueError(f"pipeline.py: {where}: key 'messages': the response has no prompt turn before it")
+  return messages[:-1], messages[-1]["content"]
+
+
+def _comparison_parts(record: Any, where: str) -> tuple[list[dict], list[str], list[int]]:
+  messages = _prompt_messages(record, where)
+  responses = _get(record, "responses", where)
+  ranks = _get(record, "ranks", where)
+  if not isinstance(responses, (list, tuple)) or not all(isinstance(r, str) for r in responses):
+    raise ValueError(f"pipeline.py: {where}: key 'responses': expected a list of str")
+  if not isinstance(ranks, (list, tuple, np.ndarray)) or len(ranks) != len(responses):
+    raise ValueError(f"pipeline.py: {where}: key 'ranks': expected {len(responses)} ints, one per response")
+  ranks = [int(r) for r in ranks]
+  if any(r < 0 for r in ranks):
+    raise ValueError(f"pipeline.py: {where}: key 'ranks': ranks must be >= 0, got {ranks}")
+  return messages, list(responses), ranks
+
+
+# ------------------------------------------------------------------- tokenisation/truncation
+
+
+@dataclasses.dataclass
+class _Prompt:
+  """A tokenised prompt: the system segment and one (ids, loss) pair per later message."""
+  system: list[int]
+  turns: list[tuple[list[int], list[int]]]
+
+  def full_len(self) -> int:
+    return len(self.system) + sum(len(ids) for ids, _ in self.turns) + 1  # + <|assistant|>
+
+  def min_len(self) -> int:
+    """Shortest acceptable truncation: system + role token + 1 content token + <|assistant|>."""
+    return min(self.full_len(), len(self.system) + 3)
+
+
+def _tokenise_prompt(tok: Tokenizer, messages: Sequence[Mapping[str, str]]) -> _Prompt:
+  """Per-message segments exactly as `chat_format.encode_chat` builds them (role, content, EOS
+  after assistant turns; loss 1 on assistant content + EOS)."""
+  system: list[int] = []
+  turns = []
+  for i, m in enumerate(messages):
+    content = tok.encode(m["content"])
+    ids = [tok.role_id(m["role"])] + content
+    asst = int(m["role"] == "assistant")
+    loss = [0] + [asst] * len(content)
+    if asst:
+      ids.append(tok.eos_id)
+      loss.append(1)
+    if i == 0 and m["role"] == "system":
+      system = ids
+    else:
+      turns.append((ids, loss))
+  return _Prompt(system, turns)
+
+
+def _fit_prompt(tok: Tokenizer, prompt: _Prompt, budget: int, events: list[str]
+                ) -> tuple[list[int], list[int]]:
+  """Prompt ids (ending with <|assistant|>) and their loss mask within `budget` tokens.
+
+  Drops the oldest whole turns after the system message first; if the latest turn alone is
+  still too long, keeps its role token and the right end of its content. Needs
+  budget >= prompt.min_len().
+  """
+  if budget < prompt.min_len():
+    raise AssertionError(f"budget {budget} below the minimum prompt length {prompt.min_len()}")
+  room = budget - 1 - len(prompt.system)  # tokens left for the turns
+  turns = list(prompt.turns)
+  if sum(len(ids) for ids, _ in turns) > room:
+    while len(turns) > 1 and sum(len(ids) for ids, _ in turns) > room:
+      turns.pop(0)
+    if len(turns) < len(prompt.turns):
+      events.append("prompt_turns_dropped")
+    ids, loss = turns[0]
+    if len(ids) > room:  # only the latest turn is left: cut the left of its content
+      keep = room - 1
+      turns[0] = ([ids[0]] + ids[len(ids) - keep:], [loss[0]] + loss[len(loss) - keep:])
+      events.append("prompt_cut")
+  ids = prompt.system + [t for seg, _ in turns for t in seg] + [tok.assistant_id]
+  loss = [0] * len(prompt.system) + [x for _, seg in turns for x in seg] + [0]
+  return ids, loss
+
+
+def _response_ids(tok: Tokenizer, text: str) -> list[int] | None:
+  """Content ids + EOS, or None when the text tokenises to nothing."""
+  ids = tok.encode(text)
+  return ids + [tok.eos_id] if ids else None
+
+
+class _Skip(Exception):
+  def __init__(self, reason: str):
+    super().__init__(reason)
+    self.reason = reason
+
+
+def _demonstration_example(tok: Tokenizer, record: Any, max_len: int, where: str,
+                           history_loss: bool, events: list[str]) -> dict[str, np.ndarray]:
+  messages, response = _demonstration_parts(record, where)
+  prompt = _tokenise_prompt(tok, messages)
+  resp = _response_ids(tok, response)
+  if resp is None:
+    raise _Skip("empty_response")
+  room = max_len - prompt.min_len()
+  if room < 1:
+    raise _Skip("prompt_too_long")
+  if len(resp) > room:
+    resp = resp[:room]
+    events.append("response_cut")
+  ids, loss = _fit_prompt(tok, prompt, max_len - len(resp), events)
+  if not history_loss:
+    loss = [0] * len(loss)
+  seq = np.asarray(ids + resp, np.int32)
+  seq_loss = np.asarray(loss + [1] * len(resp), np.int32)
+  n = len(seq)
+  out = {k: np.zeros(max_len, np.int32) for k in ("tokens", "targets", "mask", "attention_mask")}
+  out["tokens"][:] = tok.pad_id
+  out["targets"][:] = tok.pad_id
+  out["tokens"][:n] = seq
+  out["targets"][:n - 1] = seq[1:]  # targets[t] is the token that follows tokens[t]
+  out["mask"][:n - 1] = seq_loss[1:]
+  out["attention_mask"][:n] = 1
+  return out
+
+
+def _comparison_example(tok: Tokenizer, record: Any, max_len: int, k_max: int, where: str,
+                        index: int, events: list[str], dropped: list[str]) -> dict[str, np.ndarray]:
+  messages, responses, ranks = _comparison_parts(record, where)
+  prompt = _tokenise_prompt(tok, messages)
+  resps, kept_ranks = [], []
+  for text, r in zip(responses, ranks):
+    ids = _response_ids(tok, text)
+    if ids is None:
+      dropped.append("empty_response")
+    else:
+      resps.append(ids)
+      kept_ranks.append(r)
+  if len(resps) > k_max:
+    # A seeded random subset (not the best k_max): the reward model must still see bad responses.
+    pick = np.sort(np.random.default_rng([index, len(resps)]).choice(len(resps), k_max, replace=False))
+    dropped.extend(["over_k_max"] * (len(resps) - k_max))
+    resps = [resps[i] for i in pick]
+    kept_ranks = [kept_ranks[i] for i in pick]
+    events.append("responses_subsampled")
+  if len(resps) < 2:
+    raise _Skip("fewer_than_2_responses")
+  if len(set(kept_ranks)) == 1:
+    raise _Skip("all_tied")
+  room = max_len - prompt.min_len()
+  if room < 1:
+    raise _Skip("prompt_too_long")
+  for k, ids in enumerate(resps):
+    if len(ids) > room:
+      resps[k] = ids[:room]
+      events.append("response_cut")
+  prompt_ids, _ = _fit_prompt(tok, prompt, max_len - max(map(len, resps)), events)
+  order = {r: i for i, r in enumerate(sorted(set(kept_ranks)))}  # dense ranks after any drop
+  out = {"tokens": np.full((k_max, max_len), tok.pad_id, np.int32),
+         "attention_mask": np.zeros((k_max, max_len), np.int32),
+         "ranks": np.zeros(k_max, np.int32), "valid": np.zeros(k_max, bool),
+         "reward_index": np.zeros(k_max, np.int32)}
+  for k, ids in enumerate(resps):
+    seq = prompt_ids + ids
+    out["tokens"][k, :len(seq)] = seq
+    out["attention_mask"][k, :len(seq)] = 1
+    out["ranks"][k] = order[kept_ranks[k]]
+    out["valid"][k] = True
+    out["reward_index"][k] = len(seq) - 1  # the EOS (or the last kept token if the response was cut)
+  return out
+
+
+def _prompt_example(tok: Tokenizer, messages: Sequence[Mapping[str, str]], max_prompt_len: int,
+                    events: list[str]) -> tuple[np.ndarray, np.ndarray]:
+  prompt = _tokenise_prompt(tok, messages)
+  if max_prompt_len < prompt.min_len():
+    raise _Skip("prompt_too_long")
+  ids, _ = _fit_prompt(tok, prompt, max_prompt_len, events)
+  tokens = np.full(max_prompt_len, tok.pad_id, np.int32)
+  mask = np.zeros(max_prompt_len, np.int32)
+  tokens[max_prompt_len - len(ids):] = ids
+  mask[max_prompt_len - len(ids):] = 1
+  return tokens, mask
+
+
+def _check_len(name: str, value: int, minimum: int = 2) -> int:
+  if int(value) != value or value < minimum:
+    raise ValueError(f"pipeline.py: {name} must be an integer >= {minimum}, got {value!r}")
+  return int(value)
+
+
+def encode_demonstration(tok: Tokenizer, record: Mapping[str, Any], max_len: int,
+                         history_loss: bool = False) -> dict[str, np.ndarray]:
+  """One demonstration -> right-padded next-token example; all int32 [max_len].
+
+  tokens: prompt ids (ending `<|assistant|>`) + response ids + EOS, then pad_id.
+  targets[t] = tokens[t + 1] (pad_id past the end). mask[t] = 1 iff targets[t] is a response
+  token or its EOS (with history_loss, also earlier assistant turns kept in the prompt).
+  attention_mask = 1 on real tokens. Accepts {"messages": [..., assistant]} or
+  {"messages": [..., user], "response": str}. Raises ValueError for a malformed record or one
+  that must be skipped (see `sft_batches` for the counted, skipping version).
+  """
+  max_len = _check_len("max_len", max_len, 4)
+  try:
+    return _demonstration_example(tok, record, max_len, _where(record, 0), history_loss, [])
+  except _Skip as s:
+    raise ValueError(f"pipeline.py: demonstration cannot be encoded in {max_len} tokens: {s.reason}") from None
+
+
+def encode_prompt_left_padded(tok: Tokenizer, messages: Sequence[Mapping[str, str]],
+                              max_prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """A prompt for generation: (tokens, attention_mask), int32 [max_prompt_len], LEFT padded.
+
+  The real tokens end with `<|assistant|>`; too-long prompts are truncated from the left as in
+  the module docstring. Raises ValueError if even the shortest truncation does not fit.
+  """
+  max_prompt_len = _check_len("max_prompt_len", max_prompt_len, 2)
+  try:
+    validate_messages(messages)
+    if messages[-1]["role"] == "assistant":
+      raise ValueError("a prompt must end with a user turn")
+  except ValueError as e:
+    raise ValueError(f"pipeline.py: encode_prompt_left_padded: {e}") from None
+  try:
+    return _prompt_example(tok, messages, max_prompt_len, [])
+  except _Skip as s:
+    raise ValueError(f"pipeline.py: prompt cannot be encoded in {max_prompt_len} tokens: {s.reason}") from None
+
+
+def encode_comparison(tok: Tokenizer, record: Mapping[str, Any], max_len: int, k_max: int,
+                      index: int = 0) -> dict[str, np.ndarray]:
+  """One K-way comparison -> K_max right-padded sequences sharing the (truncated) prompt.
+
+  Returns tokens, attention_mask: int32 [k_max, max_len]; ranks (dense, 0 = best),
+  reward_index (position of each sequence's last real token, its EOS): int32 [k_max];
+  valid: bool [k_max]. Slots k >= K are invalid and zero. Empty responses are dropped; with
+  K > k_max a random subset (seeded by `index`) is kept. Raises ValueError for a malformed
+  record or one that must be skipped.
+  """
+  max_len = _check_len("max_len", max_len, 4)
+  k_max = _check_len("k_max", k_max, 2)
+  try:
+    return _comparison_example(tok, record, max_len, k_max, _where(record, index), index, [], [])
+  except _Skip as s:
+    raise ValueError(f"pipeline.py: comparison cannot be encoded in {max_len} tokens: {s.reason}") from None
+
+
+# ------------------------------------------------------------------------- scan and sharding
+
+
+def _scan(name: str, records: Records, encode: Callable[[Any, int, list, list], Any]
+          ) -> tuple[np.ndarray, PipelineStats]:
+  """Encodes every record once: the kept indices (int64 [N_kept]) and the stats."""
+  stats = PipelineStats(name)
+  kept = []
+  for i in range(len(records)):
+    record = records[i]
+    where = _where(record, i)
+    events: list[str] = []
+    dropped: list[str] = []
+    stats.seen += 1
+    try:
+      encode(record, i, events, dropped)
+    except _Skip as s:
+      stats._note(stats.skipped, s.reason, where)
+      continue
+    for e in events:
+      stats._note(stats.truncated, e, where)
+    for d in dropped:
+      stats._note(stats.dropped_responses, d, where)
+    kept.append(i)
+  stats.kept = len(kept)
+  return np.asarray(kept, np.int64), stats
+
+
+def _resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+  shard_index = jax.process_index() if shard_index is None else int(shard_index)
+  shard_count = jax.process_count() if shard_count is None else int(shard_count)
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"pipeline.py: shard_index {shard_index} not in [0, {shard_count})")
+  return shard_index, shard_count
+
+
+def _shard(kept: np.ndarray, stats: PipelineStats, shard_index: int | None, shard_count: int | None
+           ) -> np.ndarray:
+  """This host's kept indices: interleaved, equally many on every host."""
+  shard_index, shard_count = _resolve_shard(shard_index, shard_count)
+  per_host = len(kept) // shard_count
+  stats.unassigned = len(kept) - per_host * shard_count
+  host = kept[shard_index::shard_count][:per_host]
+  stats.host_records = len(host)
+  return host
+
+
+class _Encode:
+  """Picklable grain map: record index -> example (the scan already proved it encodes)."""
+
+  def __init__(self, records: Records, fn: Callable[[Any, int, list, list], Any]):
+    self.records = records
+    self.fn = fn
+
+  def __call__(self, index):
+    index = int(index)
+    return self.fn(self.records[index], index, [], [])
+
+
+def _train_iterator(records: Records, host: np.ndarray, fn, stats: PipelineStats,
+                    global_batch_size: int, seed: int, num_epochs: int | None,
+                    shard_count: int | None) -> grain.DatasetIterator:
+  bsz = host_batch_size(global_batch_size, shard_count)
+  if len(host) < bsz:
+    raise ValueError(f"pipeline.py: {stats.name}: host shard has {len(host)} usable records, fewer than "
+                     f"one batch of {bsz} ({stats.summary()})")
+  ds = grain.MapDataset.source(host).shuffle(seed=seed).repeat(num_epochs)
+  ds = ds.map(_Encode(records, fn)).batch(bsz, drop_remainder=True)
+  it = iter(ds.to_iter_dataset(READ_OPTIONS))
+  it.stats = stats
+  stats.log()
+  return it
+
+
+def _eval_list(records: Records, kept: np.ndarray, fn, stats: PipelineStats, batch_size: int,
+               shard_index: int | None, shard_count: int | None,
+               pad: Callable[[dict], dict]) -> BatchList:
+  """Unshuffled batches of this host's share of `kept` (interleaved, leftovers included).
+
+  Every host gets the same number of batches (hosts run eval steps in lockstep): the tail is
+  filled with `pad(example)` copies that carry no weight, so each record counts exactly once
+  over all hosts and shapes stay fixed.
+  """
+  if int(batch_size) != batch_size or batch_size < 1:
+    raise ValueError(f"pipeline.py: batch_size must be an integer >= 1, got {batch_size!r}")
+  shard_index, shard_count = _resolve_shard(shard_index, shard_count)
+  host = kept[shard_index::shard_count]
+  stats.host_records = len(host)
+  out = BatchList()
+  out.stats = stats
+  stats.log()
+  if len(kept) == 0:
+    return out
+  encode = _Encode(records, fn)
+  examples = [encode(i) for i in host]
+  per_host = -(-len(kept) // shard_count)
+  filler = pad(examples[0] if examples else encode(kept[0]))
+  examples += [filler] * (-(-per_host // batch_size) * batch_size - len(examples))
+  for s in range(0, len(examples), batch_size):
+    chunk = examples[s:s + batch_size]
+    out.append({k: np.stack([e[k] for e in chunk]) for k in chunk[0]})
+  return out
+
+
+# ------------------------------------------------------------------------------ public: SFT
+
+
+@dataclasses.dataclass(frozen=True)
+class _SftFn:
+  tok: Tokenizer
+  max_len: int
+  history_loss: bool
+
+  def __call__(self, record, index, events, dropped):
+    return _demonstration_example(self.tok, record, self.max_len, _where(record, index),
+                                  self.history_loss, events)
+
+
+def sft_batches(records: Records, tok: Tokenizer, global_batch_size: int, max_len: int, seed: int,
+                num_epochs: int | None = None, shard_index: int | None = None,
+                shard_count: int | None = None, history_loss: bool = False) -> grain.DatasetIterator:
+  """Shuffled (reshuffled every epoch) SFT batches for this host; num_epochs=None repeats forever.
+
+  Yields {"tokens","targets","mask","attention_mask"}: int32 [B_host, max_len] (see
+  `encode_demonstration`). The returned iterator has `.stats` (PipelineStats).
+  """
+  max_len = _check_len("max_len", max_len, 4)
+  fn = _SftFn(tok, max_len, history_loss)
+  kept, stats = _scan("sft", records, fn)
+  host = _shard(kept, stats, shard_index, shard_count)
+  return _train_iterator(records, host, fn, stats, global_batch_size, seed, num_epochs, shard_count)
+
+
+def sft_eval_batches(records: Records, tok: Tokenizer, batch_size: int, max_len: int,
+                     shard_index: int | None = None, shard_count: int | None = None,
+                     history_loss: bool = False) -> BatchList:
+  """Unshuffled SFT batches, int32 [batch_size, max_len] like `sft_batches`; batch_size is per host.
+
+  Hosts take kept records interleaved (leftovers included) and all get the same number of
+  batches; the tail is filled with copies whose `mask` is all zero, so over all hosts every
+  kept record is evaluated exactly once. `.stats` holds the counts.
+  """
+  max_len = _check_len("max_len", max_len, 4)
+  fn = _SftFn(tok, max_len, history_loss)
+  kept, stats = _scan("sft_eval", records, fn)
+  return _eval_list(records, kept, fn, stats, batch_size, shard_index, shard_count,
+                    lambda e: dict(e, mask=np.zeros_like(e["mask"])))
+
+
+# -------------------------------------------------------------------- public: reward model
+
+
+@dataclasses.dataclass(frozen=True)
+class _ComparisonFn:
+  tok: Tokenizer
+  max_len: int
+  k_max: int
+
+  def __call__(self, record, index, events, dropped):
+    return _comparison_example(self.tok, record, self.max_len, self.k_max, _where(record, index),
+                               index, events, dropped)
+
+
+def comparison_batches(records: Records, tok: Tokenizer, global_batch_size: int, max_len: int,
+                       k_max: int, seed: int, num_epochs: int | None = None,
+                       shard_index: int | None = None, shard_count: int | None = None
+                       ) -> grain.DatasetIterator:
+  """Shuffled batches of whole K-way comparisons: every pair of a prompt is in one batch element.
+
+  Yields tokens, attention_mask: int32 [B_host, k_max, max_len]; ranks, reward_index: int32
+  [B_host, k_max]; valid: bool [B_host, k_max] (see `encode_comparison`). `.stats` on the iterator.
+  """
+  max_len, k_max = _check_len("max_len", max_len, 4), _check_len("k_max", k_max, 2)
+  fn = _ComparisonFn(tok, max_len, k_max)
+  kept, stats = _scan("comparisons", records, fn)
+  host = _shard(kept, stats, shard_index, shard_count)
+  return _train_iterator(records, host, fn, stats, global_batch_size, seed, num_epochs, shard_count)
+
+
+def comparison_eval_batches(records: Records, tok: Tokenizer, batch_size: int, max_len: int,
+                            k_max: int, shard_index: int | None = None,
+                            shard_count: int | None = None) -> BatchList:
+  """Unshuffled comparison batches shaped like `comparison_batches` (batch_size per host); hosts
+  and the tail as in `sft_eval_batches`, filler copies having `valid` all False."""
+  max_len, k_max = _check_len("max_len", max_len, 4), _check_len("k_max", k_max, 2)
+  fn = _ComparisonFn(tok, max_len, k_max)
+  kept, stats = _scan("comparisons_eval", records, fn)
+  return _eval_list(records, kept, fn, stats, batch_size, shard_index, shard_count,
+                    lambda e: dict(e, valid=np.zeros_like(e["valid"])))
+
+
+# ------------------------------------------------------------------------ public: PPO prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class _PromptFn:
+  tok: Tokenizer
+  max_prompt_len: int
+
+  def __call__(self, record, index, events, dropped):
+    messages = _prompt_messages(record, _where(record, index))
+    tokens, mask = _prompt_example(self.tok, messages, self.max_prompt_len, events)
+    return {"tokens": tokens, "attention_mask": mask, "index": np.int32(index)}
+
+
+def prompt_batches(records: Records, tok: Tokenizer, global_batch_size: int, max_prompt_len: int,
+                   seed: int, num_epochs: int | None = None, shard_index: int | None = None,
+                   shard_count: int | None = None) -> grain.DatasetIterator:
+  """Shuffled batches of left-padded prompts for rollouts.
+
+  Yields tokens, attention_mask: int32 [B_host, max_prompt_len] (real tokens end with
+  `<|assistant|>`); index: int32 [B_host], the record's position in `records` (to recover
+  its task for scoring). `.stats` on the iterator.
+  """
+  max_prompt_len = _check_len("max_prompt_len", max_prompt_len, 2)
+  fn = _PromptFn(tok, max_prompt_len)
+  kept, stats = _scan("prompts", records, fn)
+  host = _shard(kept, stats, shard_index, shard_count)
+  return _train_iterator(records, host, fn, stats, global_batch_size, seed, num_epochs, shard_count)
+
+
+def prompt_eval_batches(records: Records, tok: Tokenizer, batch_size: int, max_prompt_len: int,
+                        shard_index: int | None = None, shard_count: int | None = None) -> BatchList:
+  """Unshuffled prompt batches shaped like `prompt_batches` (batch_size per host), e.g. for eval
+  rollouts; hosts and the tail as in `sft_eval_batches`, filler copies having `index` -1."""
+  max_prompt_len = _check_len("max_prompt_len", max_prompt_len, 2)
+  fn = _PromptFn(tok, max_prompt_len)
+  kept, stats = _scan("prompts_eval", records, fn)
+  return _eval_list(records, kept, fn, stats, batch_size, shard_index, shard_count,
+                    lambda e: dict(e, index=np.int32(-1)))
+
+
+# ---------------------------------------------------------------------------- packed LM rows
 
 
 def host_batch_size(global_batch_size: int, shard_count: int | None = None) -> int:
@@ -57,7 +681,7 @@ def lm_batches(rows: np.ndarray, global_batch_size: int, seed: int, num_epochs: 
   if len(ds) < bsz:
     raise ValueError(f"host shard has {len(ds)} rows, fewer than one batch of {bsz}")
   ds = ds.shuffle(seed=seed).repeat(num_epochs).map(_lm_example).batch(bsz, drop_remainder=True)
-  return iter(ds.to_iter_dataset())
+  return iter(ds.to_iter_dataset(READ_OPTIONS))
 
 
 def lm_eval_batches(rows: np.ndarray, batch_size: int) -> list[dict[str, np.ndarray]]:

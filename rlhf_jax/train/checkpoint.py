@@ -62,7 +62,8 @@ class Checkpointer:
       raise ValueError(f"{where} is corrupt or unreadable (metadata): {type(e).__name__}: {e}") from e
     want = _shapes(abstract_state)
     have = meta.get("shapes", {}) if isinstance(meta, dict) else {}
-    for key, shape in want.items():
+    # Report a parameter (not its Adam moment) when both differ.
+    for key, shape in sorted(want.items(), key=lambda kv: "['params']" not in kv[0]):
       if key not in have:
         raise ValueError(f"{where} does not match this model: it has no entry {key} "
                          f"(it was written by a different model or stage)")

@@ -28,12 +28,13 @@ from rlhf_jax.data.builders.common import RecordBuilder, RecordSource
 from rlhf_jax.data.builders.hh_rlhf import HhRlhf
 from rlhf_jax.data.builders.jsonl import JsonlComparisons, JsonlDemonstrations, JsonlPrompts
 from rlhf_jax.data.builders.oasst_rankings import OasstRankings
+from rlhf_jax.data.builders.synthetic_instruct import SyntheticInstruct
 from rlhf_jax.data.builders.text import TextCorpus
 
 BUILDERS: dict[str, type[RecordBuilder]] = {
     cls.name: cls
     for cls in (HhRlhf, OasstRankings, JsonlDemonstrations, JsonlComparisons, JsonlPrompts,
-                TextCorpus)
+                TextCorpus, SyntheticInstruct)
 }
 
 __all__ = ["BUILDERS", "RecordSource", "get_builder", "load", "prepare"]

@@ -14,6 +14,7 @@ input group (a source split): ``{"seen", "skipped": {reason: n}, "first_skip", "
 
 from __future__ import annotations
 
+import abc
 import collections
 import dataclasses
 import hashlib
@@ -72,8 +73,9 @@ def manual_root(dl_manager) -> Path | None:
 class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base builder: one record kind, source-ordered array_record output, stats in metadata.
 
-    Subclasses set ``KIND`` (or override ``kind`` per config) and implement ``_split_generators`` (returning
-    ``self._generate_examples(...)`` per split) and ``_iter_records(group, paths, tally)``.
+    Subclasses set ``KIND`` (or override ``kind`` per config) and implement
+    ``_split_generators`` (returning ``self._generate_examples(...)`` per split) and
+    ``_iter_records(group, paths, tally)``.
     """
 
     KIND: ClassVar[str]
@@ -106,10 +108,10 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             disable_shuffling=True,
         )
 
+    @abc.abstractmethod
     def _iter_records(self, group: str, paths: Sequence[Path], tally: records.Tally
                       ) -> Iterator[tuple[str, records.Record]]:
-        """``(id, record)`` pairs of source split ``group`` read from ``paths``."""
-        raise NotImplementedError
+        """``(id, record)`` pairs of source split ``group`` read from ``paths``; counts in ``tally``."""
 
     def _generate_examples(self, group: str, paths: Sequence[Path], keep: str | None = None,
                            validation_fraction: float = 0.0, salt: str = ""):

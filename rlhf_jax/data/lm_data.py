@@ -1,0 +1,69 @@
+"""Pretraining text -> tokenizer -> packed train/validation rows.
+
+Sources (config `data.source`):
+  synthetic  the built-in world's misaligned web-text corpus (`synthetic.pretraining_corpus`)
+  text       a plain-text file (`data.path`), split into documents at blank lines
+The tokenizer is trained on the training documents (or loaded from `data.tokenizer_dir`) and
+saved in `<workdir>/tokenizer`; a resumed run and every later stage reload that copy, so
+token ids never change under a checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+import numpy as np
+
+from rlhf_jax.data import pipeline, synthetic
+from rlhf_jax.data import tokenizer as tok_lib
+
+
+def load_documents(data) -> list[str]:
+  if data.source == "synthetic":
+    return synthetic.pretraining_corpus(int(data.n_docs), seed=int(data.seed))
+  if data.source == "text":
+    if not data.get("path") or not os.path.exists(data.path):
+      raise ValueError(f"data.path={data.get('path')!r}: text corpus file not found")
+    with open(data.path, encoding="utf-8") as f:
+      docs = [d.strip() for d in f.read().split("\n\n")]
+    docs = [d for d in docs if d]
+    if not docs:
+      raise ValueError(f"{data.path}: no text found")
+    return docs
+  raise ValueError(f"data.source must be 'synthetic' or 'text', got {data.source!r}")
+
+
+def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+  """Deterministic split by a hash of each document, so train and validation never share one."""
+  def is_val(d):
+    return int(hashlib.sha256(d.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < val_fraction
+  train = [d for d in docs if not is_val(d)]
+  val = [d for d in docs if is_val(d)]
+  return train, val
+
+
+def get_tokenizer(data, train_docs: list[str], workdir: str) -> tok_lib.Tokenizer:
+  """Loads `<workdir>/tokenizer` if present, else builds it (train BPE or copy `data.tokenizer_dir`)."""
+  path = os.path.join(workdir, "tokenizer")
+  if os.path.exists(os.path.join(path, "tokenizer.json")):
+    return tok_lib.load(path)
+  if data.get("tokenizer_dir"):
+    tok = tok_lib.load(data.tokenizer_dir)
+  else:
+    tok = tok_lib.train_bpe(train_docs, int(data.vocab_size))
+  tok_lib.save(tok, path)
+  return tok
+
+
+def prepare_lm_data(data, seq_len: int, workdir: str):
+  """Returns (tokenizer, train_rows int32 [N, seq_len+1], val_rows int32 [M, seq_len+1])."""
+  docs = load_documents(data)
+  train_docs, val_docs = split_documents(docs, float(data.val_fraction))
+  tok = get_tokenizer(data, train_docs, workdir)
+  encode = lambda ds: [tok.encode(d) for d in ds]
+  train_rows = pipeline.pack_documents(encode(train_docs), seq_len, tok.eos_id)
+  val_rows = pipeline.pack_documents(encode(val_docs), seq_len, tok.eos_id)
+  logging.info("LM data: %d train docs -> %d rows, %d val docs -> %d rows of %d tokens (vocab %d)",
+               len(train_docs), len(train_rows), len(val_docs), len(val_rows), seq_len + 1, tok.vocab_size)
+  return tok, np.asarray(train_rows), np.asarray(val_rows)
