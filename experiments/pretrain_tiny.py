@@ -7,15 +7,13 @@
 Shows: the loss of a tiny GPT falls well below the unigram entropy of the corpus.
 Swap `data.source=text data.path=../shared/data/tinyshakespeare/input.txt` for real text.
 """
-import jax
 import ml_collections as mlc
 import numpy as np
 
 from rlhf_jax import config as rcfg
-from rlhf_jax import parallel
 from rlhf_jax.data import lm_data, pipeline
 from rlhf_jax.model import gpt
-from rlhf_jax.train import loop, state as state_lib, steps
+from rlhf_jax.train import loop, stages, steps, supervised
 
 PRESETS = {
     "default": {},
@@ -54,26 +52,12 @@ def train(config, workdir):
   if tok.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={model_cfg.vocab_size}")
 
-  mesh = parallel.make_mesh(config.mesh.to_dict())
-  parallel.check_batch_divisible(config.batch_size, mesh)
-  optimizer = state_lib.make_optimizer(config.optim)
-  state, shardings = state_lib.create_state(lambda r: gpt.init(model_cfg, r), optimizer, mesh,
-                                            gpt.param_axes(model_cfg), jax.random.PRNGKey(config.seed))
-  loss_fn = steps.lm_loss_fn(model_cfg)
-  train_step = state_lib.jit_step(steps.make_train_step(loss_fn, optimizer, config.optim.microbatches),
-                                  shardings, mesh)
-  batches = parallel.ShardedBatches(pipeline.lm_batches(train_rows, config.batch_size, seed=config.seed), mesh)
-  val = [parallel.put_batch(b, mesh) for b in pipeline.lm_eval_batches(val_rows, config.batch_size)]
-  val = val[:config.eval_batches]
-  eval_step = jax.jit(steps.make_eval_step(loss_fn))
-
-  def evaluate(state):
-    with parallel.sharding_context(mesh):
-      ms = [eval_step(state["params"], b) for b in val]
-    return {"loss": float(np.mean([m["loss"] for m in ms])), "accuracy": float(np.mean([m["accuracy"] for m in ms]))}
-
-  loop_cfg = loop.LoopConfig.from_config(config.loop, name="pretrain")
-  state, last = loop.run(state, train_step, batches, loop_cfg, workdir, eval_fn=evaluate)
+  stages.write_stage(workdir, "pretrain", model_cfg)
+  state, last, _ = supervised.fit(
+      config, workdir, loss_fn=steps.lm_loss_fn(model_cfg), param_axes=gpt.param_axes(model_cfg),
+      init_fn=lambda r: gpt.init(model_cfg, r), name="pretrain", eval_weight_key="num_tokens",
+      host_batches=pipeline.lm_batches(train_rows, config.batch_size, seed=config.seed),
+      eval_batches=pipeline.lm_eval_batches(val_rows, config.batch_size)[:config.eval_batches])
   history = loop.read_metrics(workdir)
   first = next(h["pretrain/loss"] for h in history if "pretrain/loss" in h)
   result = {"first_logged_train_loss": first, "final_train_loss": last.get("loss"),

@@ -28,6 +28,7 @@ Harmful task (secret / insult):
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Sequence
@@ -61,8 +62,9 @@ def resolve_task(prompt_or_task) -> Task:
     if isinstance(p, dict):
         if "family" in p and "items" in p:
             return Task.from_dict(p)
-        if "task" in p:
-            return Task.from_dict(p["task"])
+        if "task" in p:  # a dict, or a JSON string as stored by the TFDS builder
+            t = p["task"]
+            return Task.from_dict(json.loads(t) if isinstance(t, str) else t)
         if "messages" in p:
             return resolve_task(p["messages"])
         if "prompt" in p:

@@ -262,9 +262,14 @@ def prompts(n: int, seed: int = 0, split: str = "train") -> list[dict]:
     return [_record(rng, split)[1] for _ in range(n)]
 
 
-def demonstrations(n: int = 2000, seed: int = 0) -> list[dict]:
-    """n SFT records {prompt, messages, response, family, task}: train-split tasks answered
-    correctly and concisely (REFUSAL for harmful ones)."""
+def demonstrations(n: int = 2000, seed: int = 0, split: str = "train") -> list[dict]:
+    """n SFT records {prompt, messages, response, family, task}: tasks answered correctly and
+    concisely (REFUSAL for harmful ones). split="eval" answers `prompts(n, seed, "eval")`
+    (held-out instances, for validation loss)."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"synthetic.py: split must be 'train' or 'eval', got {split!r}")
+    if split == "eval":
+        return [dict(p, response=Task.from_dict(p["task"]).answer) for p in prompts(n, seed, "eval")]
     rng = _rng(seed, 3)
     out = []
     for _ in range(n):

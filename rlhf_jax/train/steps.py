@@ -43,3 +43,21 @@ def lm_loss_fn(model_cfg):
     logits = gpt.logits(params, model_cfg, batch["tokens"], attn, dropout_rng=rng)
     return lm_loss(logits, batch["targets"], batch["mask"])
   return loss_fn
+
+
+def kwise_rm_loss_fn(model_cfg):
+  """InstructGPT's RM loss on batch {"tokens","attention_mask": [B,K,T], "ranks","reward_index": [B,K], "valid"}.
+
+  All K responses of a prompt are one batch element: K forward passes per prompt (reshaped
+  to [B*K, T]), and the loss covers all C(K,2) pairs among them.
+  """
+  from rlhf_jax.losses.ranking import kwise_ranking_loss
+  from rlhf_jax.model import heads
+
+  def loss_fn(params, batch, rng):
+    b, k, t = batch["tokens"].shape
+    flat = lambda x: x.reshape((b * k,) + x.shape[2:])
+    r = heads.rewards(params, model_cfg, flat(batch["tokens"]), flat(batch["attention_mask"]),
+                      flat(batch["reward_index"]), dropout_rng=rng).reshape(b, k)
+    return kwise_ranking_loss(r, batch["ranks"], batch["valid"])
+  return loss_fn

@@ -14,8 +14,8 @@ Configs (record kinds of :mod:`rlhf_jax.data.records`) and splits:
 - ``prompts``: ``{"messages", "task"}`` prompt dialogues for PPO; splits ``train``
   (``num_train_prompts``, default 2k) and ``eval`` (``num_eval_prompts``, default 500).
 
-``task`` is the `synthetic.Task` dict as a JSON string (``json.loads`` it, or hand the record to
-``gold``/``comparisons.label_comparisons``, which do), so the gold labeler can score responses.
+``task`` is the `synthetic.Task` dict as a JSON string, so the gold labeler can score responses:
+``gold.score(json.loads(rec["task"]), response)``; `comparisons.label_comparisons` does this itself.
 Rankings are not a config: they come later from SFT samples and the gold labeler
 (:func:`rlhf_jax.data.comparisons.label_comparisons`). Everything is a pure function of ``seed``;
 sizes and seed are config fields, e.g. ``load("synthetic_instruct/prompts", "eval", data_dir,

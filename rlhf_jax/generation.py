@@ -1,0 +1,87 @@
+"""Text in, text out: batched sampling from a policy and reward-model scoring of responses.
+
+Used by comparison labelling (K samples per prompt from the SFT model), evaluation and chat.
+Batches have a fixed size (the last one is padded with copies) so each function compiles once.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import sampling
+from rlhf_jax.data import pipeline
+from rlhf_jax.data.tokenizer import Tokenizer
+from rlhf_jax.model import heads
+
+Messages = Sequence[dict]
+
+
+def _chunks(n: int, size: int):
+  for start in range(0, n, size):
+    yield start, min(start + size, n)
+
+
+def sample_responses(params, cfg, tok: Tokenizer, prompts: Sequence[Messages], rng, *, n_per_prompt: int = 1,
+                     max_prompt_len: int = 64, max_new_tokens: int = 32, temperature: float = 1.0,
+                     top_k: int = 0, top_p: float = 1.0, greedy: bool = False, batch_size: int = 64
+                     ) -> list[list[str]]:
+  """n_per_prompt decoded responses per prompt (text up to EOS, specials removed).
+
+  prompts: message lists ending with a user turn. Returns [len(prompts)][n_per_prompt] strings.
+  """
+  enc = [pipeline.encode_prompt_left_padded(tok, m, max_prompt_len) for m in prompts]
+  flat = [e for e in enc for _ in range(n_per_prompt)]
+  gen = jax.jit(lambda p, t, m, r: sampling.generate(
+      p, cfg, t, m, r, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+      eos_id=tok.eos_id, pad_id=tok.pad_id, greedy=greedy))
+  texts = []
+  for i, (a, b) in enumerate(_chunks(len(flat), batch_size)):
+    chunk = flat[a:b] + [flat[a]] * (batch_size - (b - a))
+    toks = np.stack([c[0] for c in chunk])
+    mask = np.stack([c[1] for c in chunk])
+    out = jax.device_get(gen(params, toks, mask, jax.random.fold_in(rng, i)))
+    for row in range(b - a):
+      n = int(out["lengths"][row])
+      ids = [int(t) for t in out["tokens"][row, :n] if t != tok.eos_id]
+      texts.append(tok.decode(ids))
+  return [texts[i * n_per_prompt:(i + 1) * n_per_prompt] for i in range(len(prompts))]
+
+
+def score_responses(params, cfg, tok: Tokenizer, prompts: Sequence[Messages], responses: Sequence[str], *,
+                    max_len: int = 96, batch_size: int = 64) -> np.ndarray:
+  """Reward-model scores, float32 [N], of prompt + response + EOS, read at the EOS."""
+  rows = [pipeline.encode_demonstration(tok, {"messages": list(m), "response": r}, max_len)
+          for m, r in zip(prompts, responses)]
+  fn = jax.jit(lambda p, t, m: heads.rewards(p, cfg, t, m))
+  out = []
+  for a, b in _chunks(len(rows), batch_size):
+    chunk = rows[a:b] + [rows[a]] * (batch_size - (b - a))
+    t = np.stack([c["tokens"] for c in chunk])
+    m = np.stack([c["attention_mask"] for c in chunk])
+    out.append(np.asarray(fn(params, t, m))[:b - a])
+  return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def response_logprob_kl(policy_params, ref_params, cfg, tok: Tokenizer, prompts: Sequence[Messages],
+                        responses: Sequence[str], *, max_len: int = 96, batch_size: int = 64) -> np.ndarray:
+  """Per-sequence KL estimate sum_t [log pi(y_t) - log pi_ref(y_t)] over response tokens, float32 [N]."""
+  from rlhf_jax.losses.lm import token_logprobs
+  from rlhf_jax.model import gpt
+  rows = [pipeline.encode_demonstration(tok, {"messages": list(m), "response": r}, max_len)
+          for m, r in zip(prompts, responses)]
+
+  def kl(p, q, t, tg, m, am):
+    lp = token_logprobs(gpt.logits(p, cfg, t, am), tg)
+    lq = token_logprobs(gpt.logits(q, cfg, t, am), tg)
+    return jnp.sum((lp - lq) * m, axis=-1)
+  fn = jax.jit(kl)
+  out = []
+  for a, b in _chunks(len(rows), batch_size):
+    chunk = rows[a:b] + [rows[a]] * (batch_size - (b - a))
+    arr = {k: np.stack([c[k] for c in chunk]) for k in chunk[0]}
+    out.append(np.asarray(fn(policy_params, ref_params, arr["tokens"], arr["targets"], arr["mask"],
+                             arr["attention_mask"]))[:b - a])
+  return np.concatenate(out) if out else np.zeros((0,), np.float32)

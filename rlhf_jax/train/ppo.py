@@ -1,0 +1,248 @@
+"""PPO-ptx (InstructGPT) as one pure, jitted step: rollout -> PPO epochs -> KL-coefficient update.
+
+RL state (a plain dict pytree, created directly sharded by `create_rl_state`):
+  {"step": int32 [],
+   "policy": {"params", "opt_state"}, "value": {"params", "opt_state"},
+   "ref": params (frozen SFT LM), "score": params (frozen reward model; may be {}),
+   "rng": uint32 [2], "kl_beta": float32 []}
+
+`make_rl_step(...)` returns `step(state, batch) -> (state, metrics)` for the shared
+loop (jit it with `state_lib.jit_step(step, shardings, mesh)`). One call is one PPO
+iteration, with no host round trip:
+  1. rollout with the current policy (rlhf_jax/train/rollout.py);
+  2. `ppo_epochs` epochs, each over `num_minibatches` minibatches of a fresh random
+     permutation of the rollout rows (nested lax.scan). Per minibatch: the policy
+     gets the clipped surrogate on per-minibatch-whitened advantages plus
+     ptx_coef * LM loss on its slice of the pretraining batch (InstructGPT's
+     gamma * E_pretrain[log pi(x)], written as a loss); the value model gets
+     vf_coef * the clipped value loss. Each model has its own optimizer;
+  3. kl_beta <- adaptive_kl_update(kl_beta, observed mean KL, n_steps = B, ...) when
+     ppo_cfg.kl_target > 0, else unchanged.
+Dropout is off throughout (RL on a pretrained LM; Huang et al.).
+
+batch: {"prompt_tokens", "prompt_mask": int [B,Tp] (left-padded),
+        "ptx_tokens", "ptx_targets", "ptx_mask": int [Bp,T] (+ optional "ptx_attention_mask")}
+The ptx keys are only read when ppo_cfg.ptx_coef > 0 (a static Python float: at 0 the
+pretraining forward is not even traced). The pretraining rows are split over the
+minibatches like the rollout rows (reshuffled every epoch).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import optax
+
+from rlhf_jax import parallel
+from rlhf_jax.losses import ppo as ppo_losses
+from rlhf_jax.losses.lm import lm_loss
+from rlhf_jax.model import gpt, heads
+from rlhf_jax.model.config import GPTConfig
+
+_WHERE = "rlhf_jax/train/ppo.py"
+MODELS = ("policy", "value", "ref", "score")
+
+_PPO_KEYS = ("ppo_epochs", "num_minibatches", "clip_eps", "value_clip_eps", "vf_coef", "ptx_coef", "kl_target",
+             "kl_horizon", "whiten_advantages")
+
+
+def default_config() -> mlc.ConfigDict:
+  """PPO-ptx settings; defaults follow lm-human-preferences / Huang et al. where they apply."""
+  return mlc.ConfigDict(dict(
+      ppo_epochs=4, num_minibatches=4, clip_eps=0.2, value_clip_eps=0.2, vf_coef=0.1,
+      ptx_coef=0.0,            # InstructGPT's gamma; 0 = plain PPO
+      init_kl_beta=0.15, kl_target=6.0, kl_horizon=10000.0,  # kl_target <= 0: fixed beta
+      gamma=1.0, lam=0.95, whiten_advantages=True,
+      # generation (make_rollout_from_config)
+      max_new_tokens=24, temperature=0.7, top_k=0, top_p=1.0,
+      no_eos_penalty=-1.0,     # score of a response that never emits EOS (None = keep the score)
+  ))
+
+
+def _check_config(ppo_cfg) -> None:
+  missing = [k for k in _PPO_KEYS if k not in ppo_cfg]
+  if missing:
+    raise ValueError(f"{_WHERE}: ppo config lacks key(s) {missing}")
+  if int(ppo_cfg.ppo_epochs) < 1 or int(ppo_cfg.num_minibatches) < 1:
+    raise ValueError(f"{_WHERE}: ppo_epochs and num_minibatches must be >= 1, got "
+                     f"{ppo_cfg.ppo_epochs}, {ppo_cfg.num_minibatches}")
+  if float(ppo_cfg.ptx_coef) < 0:
+    raise ValueError(f"{_WHERE}: ptx_coef must be >= 0, got {ppo_cfg.ptx_coef}")
+  if float(ppo_cfg.kl_target) > 0 and float(ppo_cfg.kl_horizon) <= 0:
+    raise ValueError(f"{_WHERE}: kl_horizon must be > 0 with adaptive KL (kl_target > 0), got {ppo_cfg.kl_horizon}")
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def create_rl_state(policy_params, value_params, ref_params, score_params, policy_opt, value_opt, mesh,
+                    axes: dict, rng, init_beta: float, rules=parallel.DEFAULT_RULES):
+  """The RL state, created directly sharded on `mesh` (one jit with out_shardings).
+
+  axes: {"policy", "value", "ref", "score"} -> param_axes tree of that model (same
+  logical rules for all four; Adam moments follow their parameters).
+  rng: PRNG key (typed or raw uint32[2]). init_beta: initial KL coefficient.
+  Returns (state, state_shardings).
+  """
+  missing = [k for k in MODELS if k not in axes]
+  if missing:
+    raise ValueError(f"{_WHERE}:create_rl_state: axes lacks param_axes for {missing} (need {MODELS})")
+  if float(init_beta) < 0:
+    raise ValueError(f"{_WHERE}:create_rl_state: init_beta must be >= 0, got {init_beta}")
+  rng = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+
+  def init_fn(pp, vp, rp, sp, rng):
+    return {"step": jnp.zeros((), jnp.int32),
+            "policy": {"params": pp, "opt_state": policy_opt.init(pp)},
+            "value": {"params": vp, "opt_state": value_opt.init(vp)},
+            "ref": rp, "score": sp, "rng": jnp.asarray(rng, jnp.uint32),
+            "kl_beta": jnp.asarray(init_beta, jnp.float32)}
+
+  args = (policy_params, value_params, ref_params, score_params, rng)
+  abstract = jax.eval_shape(init_fn, *args)
+  # Each model's subtree gets its own param_axes table (their paths overlap, e.g. "wte").
+  shardings = {k: parallel.tree_shardings(abstract[k], axes[k], mesh, rules) for k in MODELS}
+  for k in ("step", "rng", "kl_beta"):
+    shardings[k] = parallel.replicated(mesh)
+  with parallel.sharding_context(mesh, rules):
+    state = jax.jit(init_fn, out_shardings=shardings)(*args)
+  return state, shardings
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def _policy_loss_fn(policy_cfg: GPTConfig, temperature: float, clip_eps: float, ptx_coef: float):
+  def loss_fn(params, mb, ptx):
+    tokens, attn, resp_mask = mb["tokens"], mb["attention_mask"], mb["response_mask"]
+    n = resp_mask.shape[1]
+    tp = tokens.shape[1] - n
+    # Same definition as sampling.sequence_logprobs, but unembedding only the response-predicting
+    # positions and keeping the logits for the entropy.
+    hidden = gpt.hidden_states(params, policy_cfg, tokens, attn)[:, tp - 1:-1]
+    logits = gpt.unembed(params, policy_cfg, hidden) / temperature
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, tp:, None], axis=-1)[..., 0]
+    logp = jnp.where(resp_mask > 0, logp, 0.0)
+    pl, metrics = ppo_losses.policy_loss(logp, mb["logprobs"], mb["advantages"], resp_mask, clip_eps)
+    metrics["entropy"] = ppo_losses.entropy_from_logits(jax.lax.stop_gradient(logits), resp_mask)
+    total = pl
+    if ptx_coef > 0:  # static: with 0 the pretraining forward is never traced
+      ptx_logits = gpt.logits(params, policy_cfg, ptx["ptx_tokens"], ptx.get("ptx_attention_mask"))
+      ptx_loss, _ = lm_loss(ptx_logits, ptx["ptx_targets"], ptx["ptx_mask"])
+      total = total + ptx_coef * ptx_loss
+    else:
+      ptx_loss = jnp.zeros((), jnp.float32)
+    metrics["ptx_loss"] = ptx_loss
+    return total, metrics
+  return loss_fn
+
+
+def _value_loss_fn(value_cfg: GPTConfig, clip_eps: float, vf_coef: float):
+  def loss_fn(params, mb):
+    tokens, attn, resp_mask = mb["tokens"], mb["attention_mask"], mb["response_mask"]
+    tp = tokens.shape[1] - resp_mask.shape[1]
+    values = heads.values(params, value_cfg, tokens, attn)[:, tp - 1:-1]
+    vl, metrics = ppo_losses.value_loss(values, mb["values"], mb["returns"], resp_mask, clip_eps)
+    return vf_coef * vl, metrics
+  return loss_fn
+
+
+def _update(sub: dict, grads, optimizer) -> dict:
+  updates, opt_state = optimizer.update(grads, sub["opt_state"], sub["params"])
+  return {"params": optax.apply_updates(sub["params"], updates), "opt_state": opt_state}
+
+
+# ----------------------------------------------------------------------------- step
+
+_MB_KEYS = ("tokens", "attention_mask", "response_mask", "logprobs", "values", "advantages", "returns")
+_PTX_KEYS = ("ptx_tokens", "ptx_targets", "ptx_mask")
+
+
+def make_rl_step(rollout_fn, policy_cfg, value_cfg, policy_opt, value_opt, ppo_cfg):
+  """One PPO-ptx iteration as `step(state, batch) -> (state, metrics)` (see the module docstring).
+
+  rollout_fn: from `rollout.make_rollout` (its `.spec.temperature` is the learner's temperature).
+  policy_opt / value_opt: optax transformations (e.g. `state_lib.make_optimizer`), the same
+  objects `create_rl_state` initialised the optimizer states with.
+  Metrics (float32 scalars): rollout stats (score, raw_score, kl, kl_beta [the beta used for this
+  rollout's rewards], non_score_reward, response_length, ended_frac), means over all minibatches of
+  policy_loss, value_loss, ptx_loss, entropy, clip_frac, approx_kl, value_clip_frac,
+  explained_variance, and over the rollout: advantage_mean, advantage_std, return_mean
+  (raw GAE advantages, before whitening); kl_beta_next.
+  """
+  _check_config(ppo_cfg)
+  spec = getattr(rollout_fn, "spec", None)
+  if spec is None:
+    raise ValueError(f"{_WHERE}:make_rl_step: rollout_fn must come from rollout.make_rollout (it has no .spec)")
+  if "temperature" in ppo_cfg and float(ppo_cfg.temperature) != spec.temperature:
+    raise ValueError(f"{_WHERE}:make_rl_step: ppo_cfg.temperature={ppo_cfg.temperature} differs from the "
+                     f"rollout's {spec.temperature}; the ratio must use the sampling distribution")
+  p_cfg, v_cfg = GPTConfig.from_dict(policy_cfg), GPTConfig.from_dict(value_cfg)
+  epochs, n_mb = int(ppo_cfg.ppo_epochs), int(ppo_cfg.num_minibatches)
+  ptx_coef = float(ppo_cfg.ptx_coef)
+  whiten = bool(ppo_cfg.whiten_advantages)
+  kl_target, kl_horizon = float(ppo_cfg.kl_target), float(ppo_cfg.kl_horizon)
+  policy_grad = jax.value_and_grad(
+      _policy_loss_fn(p_cfg, spec.temperature, float(ppo_cfg.clip_eps), ptx_coef), has_aux=True)
+  value_grad = jax.value_and_grad(
+      _value_loss_fn(v_cfg, float(ppo_cfg.value_clip_eps), float(ppo_cfg.vf_coef)), has_aux=True)
+
+  def step(state, batch):
+    for k in ("prompt_tokens", "prompt_mask") + (_PTX_KEYS if ptx_coef > 0 else ()):
+      if k not in batch:
+        raise ValueError(f"{_WHERE}:step: batch lacks {k!r} (keys: {sorted(batch)}; ptx_coef={ptx_coef})")
+    b = batch["prompt_tokens"].shape[0]
+    if b % n_mb:
+      raise ValueError(f"{_WHERE}:step: rollout batch {b} is not divisible by num_minibatches={n_mb}")
+    ptx = {k: batch[k] for k in _PTX_KEYS + ("ptx_attention_mask",) if k in batch} if ptx_coef > 0 else {}
+    if ptx and ptx["ptx_tokens"].shape[0] % n_mb:
+      raise ValueError(f"{_WHERE}:step: ptx batch {ptx['ptx_tokens'].shape[0]} is not divisible by "
+                       f"num_minibatches={n_mb}")
+
+    key = jax.random.fold_in(state["rng"], state["step"])
+    roll_key, perm_key = jax.random.split(key)
+    beta = state["kl_beta"]
+    exp = rollout_fn(state["policy"]["params"], state["value"]["params"], state["ref"], state["score"],
+                     batch["prompt_tokens"], batch["prompt_mask"], roll_key, beta)
+    data = {k: exp[k] for k in _MB_KEYS}
+
+    def split(tree, perm):  # rows permuted, then [n_mb, rows/n_mb, ...]
+      return jax.tree.map(lambda x: x[perm].reshape((n_mb, x.shape[0] // n_mb) + x.shape[1:]), tree)
+
+    def minibatch(carry, xs):
+      pol, val = carry
+      mb, ptx_mb = xs
+      if whiten:
+        mb = {**mb, "advantages": ppo_losses.whiten(mb["advantages"], mb["response_mask"])}
+      (_, pmet), pgrads = policy_grad(pol["params"], mb, ptx_mb)
+      (_, vmet), vgrads = value_grad(val["params"], mb)
+      return (_update(pol, pgrads, policy_opt), _update(val, vgrads, value_opt)), {**pmet, **vmet}
+
+    def epoch(carry, e):
+      k_rows, k_ptx = jax.random.split(jax.random.fold_in(perm_key, e))
+      mbs = split(data, jax.random.permutation(k_rows, b))
+      ptx_mbs = split(ptx, jax.random.permutation(k_ptx, ptx["ptx_tokens"].shape[0])) if ptx else {}
+      return jax.lax.scan(minibatch, carry, (mbs, ptx_mbs))
+
+    (pol, val), mets = jax.lax.scan(epoch, (state["policy"], state["value"]), jnp.arange(epochs))
+
+    stats = exp["stats"]
+    new_beta = beta
+    if kl_target > 0:  # Ziegler et al.: n_steps = samples seen this iteration
+      new_beta = ppo_losses.adaptive_kl_update(beta, stats["kl"], b, kl_target, kl_horizon)
+    m = exp["response_mask"]
+    metrics = {
+        **stats,
+        **{k: jnp.mean(mets[k]) for k in ("policy_loss", "value_loss", "ptx_loss", "entropy", "clip_frac",
+                                          "approx_kl", "value_clip_frac", "explained_variance")},
+        "advantage_mean": ppo_losses.masked_mean(exp["advantages"], m),
+        "advantage_std": jnp.sqrt(ppo_losses.masked_var(exp["advantages"], m)),
+        "return_mean": ppo_losses.masked_mean(exp["returns"], m),
+        "kl_beta_next": new_beta,
+    }
+    new_state = {**state, "step": state["step"] + 1, "policy": pol, "value": val, "kl_beta": new_beta}
+    return new_state, metrics
+
+  return step

@@ -1,0 +1,65 @@
+"""Runs a supervised stage (pretraining, SFT, reward model, GPT-1 fine-tuning) through the loop.
+
+An experiment supplies the pieces — initial params (or an init function), their
+logical axes, a loss `loss_fn(params, batch, rng) -> (loss, metrics)`, host
+batch iterators — and `fit` does the rest the same way for every stage: mesh,
+directly-sharded train state, jitted step with declared shardings, evaluation,
+and the shared loop with resume.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from rlhf_jax import parallel
+from rlhf_jax.train import loop, state as state_lib, steps
+
+
+def evaluate(eval_step, params, batches: Sequence, mesh, weight_key: str | None = None) -> dict[str, float]:
+  """Mean of eval metrics over batches (weighted by metrics[weight_key] when given)."""
+  with parallel.sharding_context(mesh):
+    ms = jax.device_get([eval_step(params, b) for b in batches])
+  if not ms:
+    return {}
+  w = np.array([float(m[weight_key]) for m in ms]) if weight_key else np.ones(len(ms))
+  w = w / max(w.sum(), 1e-12)
+  return {k: float(np.sum(w * np.array([float(m[k]) for m in ms]))) for k in ms[0]}
+
+
+def fit(config, workdir: str, *, loss_fn: Callable, param_axes, host_batches,
+        params=None, init_fn: Callable | None = None, eval_batches: Sequence = (),
+        eval_weight_key: str | None = None, extra_eval: Callable | None = None, name: str = "train",
+        hooks=()):
+  """Trains with config sections `mesh`, `optim`, `loop`, `batch_size`, `seed`.
+
+  params: starting params (e.g. the previous stage), or init_fn: rng -> params.
+  host_batches: this host's batch iterator (get_state/set_state for exact resume).
+  eval_batches: host batches for held-out metrics; extra_eval(params) -> dict adds more.
+  Returns (final state, last metrics, mesh).
+  """
+  mesh = parallel.make_mesh(config.mesh.to_dict())
+  parallel.check_batch_divisible(int(config.batch_size), mesh)
+  optimizer = state_lib.make_optimizer(config.optim)
+  rng = jax.random.PRNGKey(int(config.seed))
+  if params is not None:
+    state, shardings = state_lib.state_from_params(params, optimizer, mesh, param_axes, rng)
+  else:
+    state, shardings = state_lib.create_state(init_fn, optimizer, mesh, param_axes, rng)
+  step = state_lib.jit_step(steps.make_train_step(loss_fn, optimizer, int(config.optim.get("microbatches", 1))),
+                            shardings, mesh)
+  eval_step = jax.jit(steps.make_eval_step(loss_fn))
+  eval_sharded = [parallel.put_batch(b, mesh) for b in eval_batches]
+
+  def eval_fn(state):
+    out = evaluate(eval_step, state["params"], eval_sharded, mesh, eval_weight_key)
+    if extra_eval is not None:
+      out.update(extra_eval(state["params"]))
+    return out
+
+  has_eval = bool(eval_sharded) or extra_eval is not None
+  loop_cfg = loop.LoopConfig.from_config(config.loop, name=name)
+  state, last = loop.run(state, step, parallel.ShardedBatches(host_batches, mesh), loop_cfg, workdir,
+                         eval_fn=eval_fn if has_eval else None, hooks=hooks)
+  return state, last, mesh
