@@ -52,7 +52,7 @@ def train(config, workdir):
   if tok.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={model_cfg.vocab_size}")
 
-  stages.write_stage(workdir, "pretrain", model_cfg)
+  stages.write_stage(workdir, "pretrain", model_cfg, data=config.data.to_dict())
   state, last, _ = supervised.fit(
       config, workdir, loss_fn=steps.lm_loss_fn(model_cfg), param_axes=gpt.param_axes(model_cfg),
       init_fn=lambda r: gpt.init(model_cfg, r), name="pretrain", eval_weight_key="num_tokens",

@@ -5,6 +5,7 @@ Batches have a fixed size (the last one is padded with copies) so each function 
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -17,6 +18,31 @@ from rlhf_jax.data.tokenizer import Tokenizer
 from rlhf_jax.model import heads
 
 Messages = Sequence[dict]
+
+
+# Jitted functions are cached per static setting so repeated evaluations compile once.
+@functools.lru_cache(maxsize=32)
+def _generate_fn(cfg, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id, greedy):
+  return jax.jit(lambda p, t, m, r: sampling.generate(
+      p, cfg, t, m, r, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+      eos_id=eos_id, pad_id=pad_id, greedy=greedy))
+
+
+@functools.lru_cache(maxsize=32)
+def _reward_fn(cfg):
+  return jax.jit(lambda p, t, m: heads.rewards(p, cfg, t, m))
+
+
+@functools.lru_cache(maxsize=32)
+def _kl_fn(cfg, temperature):
+  from rlhf_jax.losses.lm import token_logprobs
+  from rlhf_jax.model import gpt
+
+  def kl(p, q, t, tg, m, am):
+    lp = token_logprobs(gpt.logits(p, cfg, t, am) / temperature, tg)
+    lq = token_logprobs(gpt.logits(q, cfg, t, am) / temperature, tg)
+    return jnp.sum((lp - lq) * m, axis=-1)
+  return jax.jit(kl)
 
 
 def _chunks(n: int, size: int):
@@ -34,9 +60,8 @@ def sample_responses(params, cfg, tok: Tokenizer, prompts: Sequence[Messages], r
   """
   enc = [pipeline.encode_prompt_left_padded(tok, m, max_prompt_len) for m in prompts]
   flat = [e for e in enc for _ in range(n_per_prompt)]
-  gen = jax.jit(lambda p, t, m, r: sampling.generate(
-      p, cfg, t, m, r, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-      eos_id=tok.eos_id, pad_id=tok.pad_id, greedy=greedy))
+  gen = _generate_fn(cfg, max_new_tokens, float(temperature), int(top_k), float(top_p), tok.eos_id, tok.pad_id,
+                     bool(greedy))
   texts = []
   for i, (a, b) in enumerate(_chunks(len(flat), batch_size)):
     chunk = flat[a:b] + [flat[a]] * (batch_size - (b - a))
@@ -55,7 +80,7 @@ def score_responses(params, cfg, tok: Tokenizer, prompts: Sequence[Messages], re
   """Reward-model scores, float32 [N], of prompt + response + EOS, read at the EOS."""
   rows = [pipeline.encode_demonstration(tok, {"messages": list(m), "response": r}, max_len)
           for m, r in zip(prompts, responses)]
-  fn = jax.jit(lambda p, t, m: heads.rewards(p, cfg, t, m))
+  fn = _reward_fn(cfg)
   out = []
   for a, b in _chunks(len(rows), batch_size):
     chunk = rows[a:b] + [rows[a]] * (batch_size - (b - a))
@@ -66,18 +91,16 @@ def score_responses(params, cfg, tok: Tokenizer, prompts: Sequence[Messages], re
 
 
 def response_logprob_kl(policy_params, ref_params, cfg, tok: Tokenizer, prompts: Sequence[Messages],
-                        responses: Sequence[str], *, max_len: int = 96, batch_size: int = 64) -> np.ndarray:
-  """Per-sequence KL estimate sum_t [log pi(y_t) - log pi_ref(y_t)] over response tokens, float32 [N]."""
-  from rlhf_jax.losses.lm import token_logprobs
-  from rlhf_jax.model import gpt
+                        responses: Sequence[str], *, max_len: int = 96, batch_size: int = 64,
+                        temperature: float = 1.0) -> np.ndarray:
+  """Per-sequence KL estimate sum_t [log pi(y_t) - log pi_ref(y_t)] over response tokens, float32 [N].
+
+  Both distributions are temperature-scaled like the sampler that produced the responses.
+  """
   rows = [pipeline.encode_demonstration(tok, {"messages": list(m), "response": r}, max_len)
           for m, r in zip(prompts, responses)]
 
-  def kl(p, q, t, tg, m, am):
-    lp = token_logprobs(gpt.logits(p, cfg, t, am), tg)
-    lq = token_logprobs(gpt.logits(q, cfg, t, am), tg)
-    return jnp.sum((lp - lq) * m, axis=-1)
-  fn = jax.jit(kl)
+  fn = _kl_fn(cfg, float(temperature))
   out = []
   for a, b in _chunks(len(rows), batch_size):
     chunk = rows[a:b] + [rows[a]] * (batch_size - (b - a))

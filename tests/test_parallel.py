@@ -118,3 +118,30 @@ def test_bad_batch_size_and_mesh_errors():
     parallel.make_mesh((3, 2, 2))
   with pytest.raises(ValueError, match="unknown axis"):
     parallel.make_mesh({"data": 2, "model": 4})
+
+
+def test_reward_model_step_on_2x2x2_matches_single_device():
+  from rlhf_jax.model import heads
+  from rlhf_jax.train.steps import kwise_rm_loss_fn
+  rng = np.random.default_rng(1)
+  b, k, t = 8, 4, 12
+  lengths = rng.integers(4, t + 1, (b, k))
+  attn = (np.arange(t)[None, None, :] < lengths[..., None]).astype(np.int32)
+  batch = {"tokens": rng.integers(0, CFG.vocab_size, (b, k, t)).astype(np.int32) * attn,
+           "attention_mask": attn, "reward_index": (lengths - 1).astype(np.int32),
+           "ranks": np.stack([rng.permutation(k) for _ in range(b)]).astype(np.int32),
+           "valid": np.arange(k)[None, :] < rng.integers(2, k + 1, (b, 1))}
+  opt = state_lib.make_optimizer(OPTIM)
+  out = {}
+  for shape in [(1, 1, 1), (2, 2, 2)]:
+    mesh = parallel.make_mesh(shape, jax.devices()[:int(np.prod(shape))])
+    state, shardings = state_lib.create_state(lambda r: heads.init(CFG, r), opt, mesh, heads.param_axes(CFG),
+                                              jax.random.PRNGKey(0))
+    step = state_lib.jit_step(make_train_step(kwise_rm_loss_fn(CFG), opt), shardings, mesh)
+    out[shape] = step(state, parallel.put_batch(batch, mesh))
+  (s1, m1), (s8, m8) = out[(1, 1, 1)], out[(2, 2, 2)]
+  np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m8["accuracy"], m1["accuracy"])
+  assert s8["params"]["head"]["kernel"].sharding.spec == P("fsdp")
+  np.testing.assert_allclose(jax.device_get(s8["params"]["head"]["kernel"]),
+                             jax.device_get(s1["params"]["head"]["kernel"]), atol=5e-5)

@@ -692,3 +692,35 @@ def lm_eval_batches(rows: np.ndarray, batch_size: int) -> list[dict[str, np.ndar
 
 def _lm_example_batch(rows):
   return {"tokens": rows[:, :-1], "targets": rows[:, 1:], "mask": np.ones_like(rows[:, 1:])}
+
+
+# --------------------------------------------------------------------------- combined iterators
+
+
+class ZipBatches:
+  """Merges several batch iterators into one dict batch, renaming keys with a prefix.
+
+  `ZipBatches(prompt=(it1, {"tokens": "prompt_tokens"}), ptx=(it2, {...}))` yields
+  {new_name: array} from each iterator's batch (keys not in a mapping are dropped), and
+  `get_state()/set_state()` cover every member, so a PPO-ptx run resumes both streams exactly.
+  """
+
+  def __init__(self, **members):
+    self.members = members
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    out = {}
+    for it, names in self.members.values():
+      batch = next(it)
+      out.update({new: batch[old] for old, new in names.items()})
+    return out
+
+  def get_state(self):
+    return {name: it.get_state() for name, (it, _) in self.members.items()}
+
+  def set_state(self, state):
+    for name, (it, _) in self.members.items():
+      it.set_state(state[name])

@@ -96,7 +96,8 @@ def load_params(directory: str, abstract_params=None, step: int | None = None):
     if step is None:
       raise ValueError(f"no checkpoint found in {os.path.abspath(directory)}")
     item = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    params = item["params"]
+    # A supervised stage's state has "params"; an RL state keeps the trained policy under "policy".
+    params = item["params"] if "params" in item else item["policy"]["params"]
     if abstract_params is not None:
       want, have = _shapes(abstract_params), _shapes(params)
       if want != have:

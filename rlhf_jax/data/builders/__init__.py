@@ -8,6 +8,8 @@ Builders (``name`` / configs):
   rank-0 demonstrations.
 - ``jsonl_demonstrations``, ``jsonl_comparisons``, ``jsonl_prompts``, ``text_corpus``: user files
   given as ``data_files=...`` (optional ``/<label>`` after the name names the cached build).
+- ``gpt1_tasks/<task>``: GPT-1 fine-tuning tasks (classification, entailment, similarity,
+  multiple_choice) from user JSONL/TSV ``data_files``.
 
 Usage::
 
@@ -25,6 +27,7 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 
 from rlhf_jax.data.builders.common import RecordBuilder, RecordSource
+from rlhf_jax.data.builders.gpt1_tasks import Gpt1Tasks
 from rlhf_jax.data.builders.hh_rlhf import HhRlhf
 from rlhf_jax.data.builders.jsonl import JsonlComparisons, JsonlDemonstrations, JsonlPrompts
 from rlhf_jax.data.builders.oasst_rankings import OasstRankings
@@ -34,7 +37,7 @@ from rlhf_jax.data.builders.text import TextCorpus
 BUILDERS: dict[str, type[RecordBuilder]] = {
     cls.name: cls
     for cls in (HhRlhf, OasstRankings, JsonlDemonstrations, JsonlComparisons, JsonlPrompts,
-                TextCorpus, SyntheticInstruct)
+                TextCorpus, SyntheticInstruct, Gpt1Tasks)
 }
 
 __all__ = ["BUILDERS", "RecordSource", "get_builder", "load", "prepare"]
