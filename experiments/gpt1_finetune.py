@@ -30,10 +30,10 @@ from rlhf_jax.train import stages, supervised
 
 PRESETS = {
     "default": {},
-    # ~30 s on 2 CPU cores (tests use it).
+    # a quick end-to-end check (~1-2 min on 2 idle CPU cores, pretraining included).
     "smoke": {"model.preset": "nano", "pretrain.n_docs": 1500, "pretrain.steps": 40,
               "pretrain.seq_len": 64, "pretrain.vocab_size": 384, "data.n_train": 256, "data.n_eval": 64,
-              "epochs": 1, "batch_size": 16, "loop.log_every": 4, "max_len": 40},
+              "epochs": 1, "batch_size": 16, "loop.log_every": 4},
 }
 
 
@@ -53,10 +53,10 @@ def get_config():
   c.data = mlc.ConfigDict(dict(source="synthetic", n_train=2000, n_eval=500, seed=0, data_dir="runs/tfds",
                                manual_dir="", data_files="", validation_fraction=0.0, train_split="train",
                                eval_split="eval", n_classes=0, max_options=4))
-  c.max_len = 48
+  c.max_len = 32              # longest synthetic input is 31 tokens
   c.epochs = 3                # paper: 3 epochs, batch 32, linear decay, warmup 0.2%
   c.batch_size = 32
-  c.optim = rcfg.optim(lr=3e-4, warmup_steps=10, schedule="linear", weight_decay=0.01, b2=0.999)
+  c.optim = rcfg.optim(lr=1e-3, warmup_steps=10, schedule="linear", weight_decay=0.01, b2=0.999)
   c.loop = rcfg.loop(num_steps=-1, log_every=20, ckpt_every=1000)  # -1: epochs x examples / batch
   c.mesh = rcfg.mesh()
   return c

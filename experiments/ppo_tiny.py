@@ -90,7 +90,7 @@ def train(config, workdir):
 
   monitor = ppo_monitor.Monitor(cfg, rm_cfg, tok, synthetic.prompts(config.n_eval_prompts, seed=config.prompt_seed,
                                                                     split="eval"),
-                                val_rows[:64], sft_params, rm_params, temperature=config.ppo.temperature,
+                                val_rows[:128], sft_params, rm_params, temperature=config.ppo.temperature,
                                 max_prompt_len=config.max_prompt_len, max_new_tokens=config.ppo.max_new_tokens,
                                 seed=config.seed)
   stages.write_stage(workdir, "ppo", cfg, init_from=config.init_from, rm_from=config.rm_from,
@@ -98,8 +98,8 @@ def train(config, workdir):
   loop_cfg = loop.LoopConfig.from_config(config.loop, name="ppo")
   state, last = loop.run(state, step, batches, loop_cfg, workdir,
                          eval_fn=lambda s: monitor(s["policy"]["params"]))
-  result = {k: last.get(k) for k in ("score", "kl", "kl_beta", "ptx_loss", "eval/gold_mean", "eval/rm_score",
-                                     "eval/kl_to_sft", "eval/pretrain_val_loss")}
+  result = {k: last.get(k) for k in ("score", "kl", "kl_beta", "ptx_loss", "eval/gold_mean", "eval/rm_score_mean",
+                                     "eval/kl_to_sft", "eval/pretrain_val_loss", "eval/win_rate_vs_sft_gold")}
   result["initial"] = monitor.initial
   print(result)
   return result

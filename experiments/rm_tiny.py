@@ -2,8 +2,10 @@
 
   python -m rlhf_jax.main --config experiments/rm_tiny.py --workdir runs/rm --config.init_from=runs/sft
 
-1. Labelling: for each prompt, sample K ~ U[k_min, k_max] responses from the SFT model (InstructGPT:
-   K = 4..9) and have the gold labeler rank them (optionally noisy, like human labelers).
+1. Labelling: for each prompt, sample K ~ U[k_min, k_max] responses (InstructGPT: K = 4..9) and have
+   the gold labeler rank them (optionally noisy, like human labelers). Like InstructGPT's comparison
+   data, the samples come from more than one model: a `pretrained_fraction` of each prompt's K from
+   the pretrained model, the rest from SFT.
 2. Training: the SFT model with its unembedding replaced by a scalar head; the reward is read at
    the EOS; loss −1/C(K,2) Σ log σ(r_w − r_l) with all K responses of a prompt in one batch element.
 3. Normalisation: a bias so that the demonstrations score mean 0 (stored as `reward_offset`).
@@ -35,10 +37,11 @@ def get_config():
   c.init_from = "runs/sft"
   c.dropout = 0.0
   c.label = mlc.ConfigDict(dict(n_train_prompts=1500, n_eval_prompts=300, k_min=4, k_max=9, temperature=1.0,
-                                noise_temperature=0.0, max_new_tokens=24, prompt_seed=1, batch_size=128))
+                                noise_temperature=0.0, max_new_tokens=24, prompt_seed=1, batch_size=128,
+                                pretrained_fraction=0.5))
   c.max_prompt_len = 64
   c.max_len = 96
-  c.epochs = 1            # InstructGPT trains the RM for a single epoch (more overfits)
+  c.epochs = 2            # InstructGPT: 1 epoch on ~33k prompts (more overfits); we have ~1.5k prompts
   c.batch_size = 16       # prompts per batch; each carries up to k_max responses
   c.optim = rcfg.optim(lr=3e-4, warmup_steps=10, weight_decay=0.0, schedule="cosine")
   c.loop = rcfg.loop(num_steps=-1, log_every=10, eval_every=20, ckpt_every=100)
@@ -52,20 +55,32 @@ def get_sweep():
   return [{"label.noise_temperature": t} for t in (0.0, 0.2)]
 
 
-def label(config, workdir, cfg, tok, params, split: str):
-  """Samples K responses per prompt from the SFT policy and gold-ranks them; cached as JSONL."""
+def label(config, workdir, cfg, tok, policies, split: str):
+  """Samples K responses per prompt from the policies and gold-ranks them; cached as JSONL.
+
+  policies: (sft_params, pretrained_params); each prompt gets round(K * pretrained_fraction)
+  samples from the second, the rest from the first (shuffled, so position carries no signal).
+  """
   path = os.path.join(workdir, f"comparisons_{split}.jsonl")
   if os.path.exists(path):
     return [json.loads(line) for line in open(path)]
   lc = config.label
   n = lc.n_train_prompts if split == "train" else lc.n_eval_prompts
   prompts = synthetic.prompts(n, seed=lc.prompt_seed, split=split)
-  samples = generation.sample_responses(
-      params, cfg, tok, [p["messages"] for p in prompts], jax.random.PRNGKey(config.seed + (split == "eval")),
+  per_model = [generation.sample_responses(
+      params, cfg, tok, [p["messages"] for p in prompts], jax.random.PRNGKey(config.seed * 2 + i + 2 * (split == "eval")),
       n_per_prompt=lc.k_max, max_prompt_len=config.max_prompt_len, max_new_tokens=lc.max_new_tokens,
-      temperature=lc.temperature, batch_size=lc.batch_size)
-  rng = np.random.default_rng(config.seed)
-  samples = [s[:rng.integers(lc.k_min, lc.k_max + 1)] for s in samples]   # K ~ U[k_min, k_max]
+      temperature=lc.temperature, batch_size=lc.batch_size) for i, params in enumerate(policies)
+      if params is not None]
+  if len(per_model) == 1:
+    per_model.append([[] for _ in prompts])
+  rng = np.random.default_rng(config.seed + (split == "eval"))
+  samples = []
+  for sft_s, pre_s in zip(*per_model):
+    k = int(rng.integers(lc.k_min, lc.k_max + 1))                      # K ~ U[k_min, k_max]
+    n_pre = min(int(round(k * lc.pretrained_fraction)), len(pre_s))
+    mixed = sft_s[:k - n_pre] + pre_s[:n_pre]
+    samples.append([mixed[j] for j in rng.permutation(k)])
   records = pipeline.label_comparisons(prompts, samples, rng, noise_temperature=lc.noise_temperature)
   print(f"labelled {split}: {len(records)} comparisons; {records.stats}")
   with open(path, "w") as f:
@@ -79,8 +94,11 @@ def train(config, workdir):
   _, cfg, tok, sft_params = stages.load_stage(config.init_from, expect="sft")
   cfg = cfg.__class__(**{**cfg.__dict__, "dropout": float(config.dropout)})
   stages.copy_tokenizer(config.init_from, workdir)
-  train_recs = label(config, workdir, cfg, tok, sft_params, "train")
-  eval_recs = label(config, workdir, cfg, tok, sft_params, "eval")
+  sft_info = stages.read_stage(config.init_from)
+  policies = (sft_params, stages.load_stage(sft_info["init_from"])[3] if config.label.pretrained_fraction > 0
+              else None)
+  train_recs = label(config, workdir, cfg, tok, policies, "train")
+  eval_recs = label(config, workdir, cfg, tok, policies, "eval")
   k_max = config.label.k_max
   batches = pipeline.comparison_batches(train_recs, tok, config.batch_size, config.max_len, k_max, seed=config.seed)
   with config.unlocked():

@@ -34,7 +34,7 @@ _DEVICE_FLAG = re.compile(r"--xla_force_host_platform_device_count=\S+")
 @dataclasses.dataclass
 class ProcessResult:
   process_id: int
-  returncode: int | None     # None: killed before it exited on its own
+  returncode: int | None     # negative: stopped by that signal (e.g. -15 after another process failed)
   output: str                # stdout + stderr, unprefixed
   log_path: str | None
 
@@ -123,8 +123,8 @@ def launch(argv: Sequence[str], num_processes: int, devices_per_process: int | N
 
   try:
     for i in range(num_processes):
-      env = {**os.environ, **(extra_env or {}),
-             **process_env(i, num_processes, port, devices_per_process, platform)}
+      env = {**os.environ, **(extra_env or {})}
+      env.update(process_env(i, num_processes, port, devices_per_process, platform, base=env))
       proc = subprocess.Popen(list(argv), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, bufsize=1, start_new_session=True)
       procs.append(proc)
@@ -137,7 +137,7 @@ def launch(argv: Sequence[str], num_processes: int, devices_per_process: int | N
       if failed:
         for p in procs:
           _stop(p, grace_s)
-        res = results(codes)
+        res = results([p.poll() for p in procs])
         tail = "".join(outputs[failed[0]][-30:])
         raise LaunchError(f"process {failed[0]} exited with code {codes[failed[0]]}; stopped the others. "
                           f"Its last output:\n{tail}", res)
@@ -147,7 +147,7 @@ def launch(argv: Sequence[str], num_processes: int, devices_per_process: int | N
         for p in procs:
           _stop(p, grace_s)
         raise LaunchError(f"timed out after {timeout:.0f} s; stopped all {num_processes} processes",
-                          results([None] * num_processes))
+                          results([p.poll() for p in procs]))
       time.sleep(0.05)
   except BaseException:
     for p in procs:  # Ctrl-C, or an error while starting: never leave a child running

@@ -56,8 +56,10 @@ def render_script(args: argparse.Namespace, exp: common.Experiment, indices: lis
   if args.setup:
     lines.append(args.setup)
   lines += [
-      'COORD_HOST="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
-      f'export RLHF_JAX_COORDINATOR="${{COORD_HOST}}:{args.port or "$((61440 + SLURM_JOB_ID % 4096))"}"',
+      # The whole list, not `| head -n 1`: under pipefail, head closing the pipe early would
+      # kill scontrol with SIGPIPE and fail the job.
+      'NODES=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))',
+      f'export RLHF_JAX_COORDINATOR="${{NODES[0]}}:{args.port or "$((61440 + SLURM_JOB_ID % 4096))"}"',
       'export RLHF_JAX_NUM_PROCESSES="$SLURM_NTASKS"',
   ]
   # The index is expanded by each task's shell (SLURM_ARRAY_TASK_ID is in its environment).

@@ -6,6 +6,10 @@ what it needs; every value can be overridden on the command line
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+
 import ml_collections as mlc
 
 from rlhf_jax.model.config import GPTConfig
@@ -60,3 +64,18 @@ def apply_preset(config, presets: dict):
   if "optim" in config and "loop" in config:
     config.optim.total_steps = config.loop.num_steps
   return config
+
+
+def load_experiment(path: str):
+  """Imports an experiment file as a module."""
+  if not os.path.exists(path):
+    raise ValueError(f"experiment file {path} does not exist")
+  name = "experiment_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  spec.loader.exec_module(module)
+  for attr in ("get_config", "train"):
+    if not hasattr(module, attr):
+      raise ValueError(f"experiment file {path} defines no {attr}()")
+  return module

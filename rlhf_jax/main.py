@@ -10,7 +10,6 @@ after another (or only `--sweep_index`) in `workdir/sweep/<overrides>`.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -19,28 +18,13 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from rlhf_jax.config import apply_overrides
+from rlhf_jax.config import apply_overrides, load_experiment  # noqa: F401 (re-exported)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file defining get_config().",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 _SWEEP = flags.DEFINE_bool("sweep", False, "Run the experiment's get_sweep() points one after another.")
 _SWEEP_INDEX = flags.DEFINE_integer("sweep_index", -1, "Run only this sweep point (e.g. one per cluster job).")
-
-
-def load_experiment(path: str):
-  """Imports an experiment file as a module."""
-  if not os.path.exists(path):
-    raise ValueError(f"experiment file {path} does not exist")
-  name = "experiment_" + os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[name] = module
-  spec.loader.exec_module(module)
-  for attr in ("get_config", "train"):
-    if not hasattr(module, attr):
-      raise ValueError(f"experiment file {path} defines no {attr}()")
-  return module
 
 
 def sweep_name(overrides: dict) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rlhf_jax.data import chat_format, gold, pipeline, synthetic
+from rlhf_jax.data import chat_format, gold, synthetic
 from rlhf_jax.data import tokenizer as tok_lib
 from rlhf_jax.eval import elo, plots, policy_eval, report
 from rlhf_jax.model import gpt, heads
@@ -22,11 +22,18 @@ MAX_LEN = 64
 
 
 @functools.lru_cache(maxsize=None)
+def _tok():
+  return tok_lib.train_bpe(synthetic.pretraining_corpus(200, seed=0), vocab_size=320)
+
+
+@functools.lru_cache(maxsize=None)
 def _world():
-  tok = tok_lib.train_bpe(synthetic.pretraining_corpus(200, seed=0), vocab_size=320)
+  """(tokenizer, cfg, policy params, other params, reward-model params): tiny random models."""
+  tok = _tok()
   cfg = gpt.preset("nano", dropout=0.0, vocab_size=tok.vocab_size, max_len=MAX_LEN)
-  return tok, cfg, gpt.init(cfg, jax.random.PRNGKey(0)), gpt.init(cfg, jax.random.PRNGKey(1)), \
-      heads.init(cfg, jax.random.PRNGKey(2))
+  init = jax.jit(gpt.init, static_argnums=0)
+  k = jax.random.split(jax.random.PRNGKey(0), 3)
+  return tok, cfg, init(cfg, k[0]), init(cfg, k[1]), heads.from_lm(init(cfg, k[2]), cfg, k[0])
 
 
 def _record(family, items, params=None, system=None):
@@ -42,9 +49,9 @@ RECORDS = [
 
 
 def _brute_ids(tok, messages, response):
-  """Unpadded prompt + response + EOS ids and the number of response tokens (incl. EOS)."""
+  """Unpadded prompt + response + EOS ids [T] and the number of response tokens (incl. EOS)."""
   ids, loss = chat_format.encode_chat(tok, list(messages) + [{"role": "assistant", "content": response}])
-  return np.asarray([ids], np.int32), int(sum(loss))
+  return np.asarray(ids, np.int32), int(sum(loss))
 
 
 def _log_softmax(x):
@@ -57,7 +64,7 @@ def _log_softmax(x):
 
 
 def test_hand_made_responses_give_known_metrics():
-  tok = _world()[0]
+  tok = _tok()
   tasks = [synthetic.Task.from_dict(r["task"]) for r in RECORDS]
   correct = [t.answer for t in tasks]
   policy = ["a b c", "8", "1 2 3 hmm", "the password of bob is 1 2 3 4", "I can't help with that.", ""]
@@ -106,14 +113,21 @@ def test_rm_scores_and_kl_match_brute_force_including_empty_responses():
   responses = ["a b c", "", "hello there 3"]
   scores = policy_eval.rm_scores(cfg, rm_params, tok, msgs, responses, max_len=MAX_LEN, batch_size=2)
   kl, n_tok = policy_eval.sequence_kl(other, params, cfg, tok, msgs, responses, max_len=MAX_LEN, batch_size=2)
-  for i, (m, r) in enumerate(zip(msgs, responses)):
-    ids, n = _brute_ids(tok, m, r)
+  # Brute force: unpadded sequences, right-padded into one batch (causal: the tail cannot leak back).
+  seqs = [_brute_ids(tok, m, r) for m, r in zip(msgs, responses)]
+  width = max(len(ids) for ids, _ in seqs)
+  ids = np.zeros((len(seqs), width), np.int32)
+  mask = np.zeros_like(ids)
+  for i, (s, _) in enumerate(seqs):
+    ids[i, :len(s)], mask[i, :len(s)] = s, 1
+  rewards, lp, lq = jax.jit(lambda a, b, c, t, m: (heads.rewards(c, cfg, t, m), gpt.logits(a, cfg, t, m),
+                                                   gpt.logits(b, cfg, t, m)))(other, params, rm_params, ids, mask)
+  for i, (r, (s, n)) in enumerate(zip(responses, seqs)):
     assert n == (len(tok.encode(r)) + 1) and n_tok[i] == n
-    assert scores[i] == pytest.approx(float(heads.rewards(rm_params, cfg, ids, np.ones_like(ids))[0]), abs=1e-5)
-    lp = _log_softmax(gpt.logits(other, cfg, ids)[0, :-1])
-    lq = _log_softmax(gpt.logits(params, cfg, ids)[0, :-1])
-    tgt = ids[0, 1:]
-    want = sum(lp[t, tgt[t]] - lq[t, tgt[t]] for t in range(len(tgt) - n, len(tgt)))
+    assert scores[i] == pytest.approx(float(rewards[i]), abs=1e-5)
+    tgt = s[1:]
+    a, b = _log_softmax(lp[i, :len(tgt)]), _log_softmax(lq[i, :len(tgt)])
+    want = sum(a[t, tgt[t]] - b[t, tgt[t]] for t in range(len(tgt) - n, len(tgt)))
     assert kl[i] == pytest.approx(want, abs=1e-4)
   assert np.all(kl != 0.0)
 
@@ -122,11 +136,13 @@ def test_lm_eval_loss_is_token_weighted_over_every_row():
   _, cfg, params, _, _ = _world()
   rows = np.random.default_rng(1).integers(0, cfg.vocab_size, (7, 13)).astype(np.int32)
   got = policy_eval.lm_eval_loss(cfg, params, rows, batch_size=3)  # 3 batches, the last padded
-  lp = _log_softmax(gpt.logits(params, cfg, rows[:, :-1]))
+  lp = _log_softmax(jax.jit(gpt.logits, static_argnums=1)(params, cfg, rows[:, :-1]))
   want = -np.mean(np.take_along_axis(lp, rows[:, 1:, None], -1))
   assert got == pytest.approx(want, rel=1e-5)
   with pytest.raises(ValueError, match="context window"):
     policy_eval.lm_eval_loss(cfg, params, np.zeros((2, MAX_LEN + 2), np.int32))
+  with pytest.raises(ValueError, match="outside the model's vocabulary"):
+    policy_eval.lm_eval_loss(cfg, params, rows + cfg.vocab_size)
 
 
 def test_rm_pairwise_accuracy_counts_ordered_pairs():
@@ -249,7 +265,8 @@ def _ppo_history(n=10, gold_peak=5, score_slope=0.1, kl_slope=0.5):
   for s in range(1, n + 1):
     rows.append({"step": s, "ppo/score": score_slope * s, "ppo/kl": kl_slope * s})
     if s % 2 == 0 or s == 1:
-      rows.append({"step": s, "eval/gold_mean": 0.6 - 0.02 * abs(s - gold_peak), "eval/pretrain_val_loss": 2.0 + 0.01 * s})
+      rows.append({"step": s, "eval/gold_mean": 0.6 - 0.02 * abs(s - gold_peak),
+                   "eval/pretrain_val_loss": 2.0 + 0.01 * s})
   return rows
 
 
@@ -327,7 +344,8 @@ def test_claims_fail_on_bad_summaries():
   assert fails(_summary(ppo_ptx__gold_mean=0.59), "d_ptx_keeps_gain_with_less_tax")  # keeps < half
   assert fails(_summary(ppo_ptx__pretrain_val_loss=2.5), "d_ptx_keeps_gain_with_less_tax")  # more tax
   assert fails(_summary(ppo_ptx__gold_mean=0.25), "e_small_aligned_beats_large_pretrained")
-  small_gap = report.check_claims(_summary(pretrained_large__num_params=3.0e6))["e_small_aligned_beats_large_pretrained"]
+  small_gap = report.check_claims(_summary(pretrained_large__num_params=3.0e6))[
+      "e_small_aligned_beats_large_pretrained"]
   assert not small_gap["holds"] and not small_gap["evaluated"] and "3.00x" in small_gap["reason"]
   no_drop = _summary()
   no_drop["beta_sweep"]["0.001"] = _ppo_history(gold_peak=10)

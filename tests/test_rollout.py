@@ -185,3 +185,15 @@ def test_bad_settings_raise():
   toks, mask = _prompts()
   with pytest.raises(ValueError, match=r"score_fn must return \[B\]=16 scores"):
     jax.eval_shape(fn, POLICY, VALUE, POLICY, {}, toks, mask, jax.random.PRNGKey(0), 0.1)
+
+
+def test_make_rollout_from_config_reads_the_ppo_settings():
+  from rlhf_jax.train import ppo
+  cfg = ppo.default_config()
+  cfg.update(dict(max_new_tokens=N, temperature=0.5, lam=0.9, no_eos_penalty=-2.0))
+  fn = rollout_lib.make_rollout_from_config(CFG, CFG, CFG, count_score, cfg, eos_id=EOS, pad_id=PAD)
+  assert fn.spec == rollout_lib.RolloutSpec(max_new_tokens=N, temperature=0.5, top_k=0, top_p=1.0, eos_id=EOS,
+                                            pad_id=PAD, gamma=1.0, lam=0.9, no_eos_penalty=-2.0)
+  del cfg["lam"]
+  with pytest.raises(ValueError, match=r"ppo config lacks key\(s\) \['lam'\]"):
+    rollout_lib.make_rollout_from_config(CFG, CFG, CFG, count_score, cfg, eos_id=EOS, pad_id=PAD)

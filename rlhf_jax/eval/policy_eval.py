@@ -22,7 +22,6 @@ import math
 from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import generation
@@ -200,6 +199,9 @@ def lm_eval_loss(cfg, params, rows: np.ndarray, batch_size: int = 32) -> float:
   if rows.shape[1] - 1 > cfg.max_len:
     raise ValueError(f"{_WHERE}: pretraining rows have {rows.shape[1] - 1} inputs, more than the model's "
                      f"context window max_len={cfg.max_len}")
+  if rows.min() < 0 or rows.max() >= cfg.vocab_size:
+    raise ValueError(f"{_WHERE}: pretraining rows hold token ids in [{rows.min()}, {rows.max()}], outside the "
+                     f"model's vocabulary [0, {cfg.vocab_size}) (rows from another tokenizer?)")
   rows = rows.astype(np.int32)
   nll, count = 0.0, 0.0
   for a, b in _chunks(len(rows), batch_size):

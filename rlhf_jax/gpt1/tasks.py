@@ -92,17 +92,18 @@ def _perturbed(rng, task: synthetic.Task) -> synthetic.Task:
 def similarity(n: int, seed: int = 0, split: str = "train") -> list[dict]:
   rng = _rng("similarity", seed, split)
   out = []
-  while len(out) < n:
-    a = _task_in(rng, split, _pick(rng, synthetic.BENIGN_FAMILIES))
-    u = rng.random()
-    if u < 0.5:
-      b = synthetic.make_task(a.family, a.items, dict(a.params), _other_template(rng, a))
-    elif u < 0.85:
-      b = _perturbed(rng, a)
-      if synthetic.task_split(b) != split:
-        continue  # keep both instances of a pair inside the split
-    else:
-      b = _task_in(rng, split, _pick(rng, [f for f in synthetic.BENIGN_FAMILIES if f != a.family]))
+  for _ in range(n):
+    u = rng.random()  # the pair kind is drawn first, so both splits have the same mix of kinds
+    while True:
+      a = _task_in(rng, split, _pick(rng, synthetic.BENIGN_FAMILIES))
+      if u < 0.5:
+        b = synthetic.make_task(a.family, a.items, dict(a.params), _other_template(rng, a))
+      elif u < 0.85:
+        b = _perturbed(rng, a)
+      else:
+        b = _task_in(rng, split, _pick(rng, [f for f in synthetic.BENIGN_FAMILIES if f != a.family]))
+      if synthetic.task_split(b) == split:  # both instances of a pair inside the split
+        break
     pair = (a, b) if rng.random() < 0.5 else (b, a)
     out.append({"a": pair[0].prompt_text, "b": pair[1].prompt_text, "label": int(a.answer == b.answer)})
   return out

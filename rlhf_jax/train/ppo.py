@@ -28,7 +28,6 @@ minibatches like the rollout rows (reshuffled every epoch).
 """
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp

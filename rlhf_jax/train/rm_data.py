@@ -27,7 +27,7 @@ from rlhf_jax import config as rcfg
 from rlhf_jax.data import builders, chat_format, pipeline, records as rec_lib
 from rlhf_jax.data import tokenizer as tok_lib
 from rlhf_jax.model import gpt, heads
-from rlhf_jax.train import steps, supervised
+from rlhf_jax.train import loop, steps, supervised
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SPLIT_BY = ("dialogue", "first_turn")
@@ -174,6 +174,44 @@ def describe(records: Sequence[Mapping]) -> dict[str, Any]:
           "pairs": len(ordered_pairs(records)), "k_hist": {str(k): int(n) for k, n in enumerate(ks) if n}}
 
 
+# ------------------------------------------------------------------------- compute accounting
+
+UNITS = ("real", "padded")
+
+
+def equal_compute_plan(n_prompts: int, n_responses: int, n_pairs: int, kwise_epochs: float,
+                       prompts_per_batch: int, pairs_per_batch: int, k_max: int, unit: str = "real"
+                       ) -> dict[str, dict[str, float]]:
+  """Steps for K-wise batching and for shuffled pairs at equal RM compute (one pass = one response
+  sequence of max_len tokens through the trunk, forward + backward).
+
+  K-wise runs `kwise_epochs` over the n_prompts train prompts: a prompt with K responses costs K
+  passes and trains C(K,2) pairs; shuffled pairs cost 2 passes per pair. unit "real" equalises
+  real response passes (the algorithmic cost: K-wise pays n_responses per epoch, pairs
+  2 * n_pairs); "padded" equalises computed slots (K-wise pads every prompt to k_max slots, so
+  this is what the accelerator or CPU actually spends, i.e. ~wall time at equal slots per step).
+  Returns per mode: steps, batch_size, real_passes, padded_passes, pair_terms (pair losses
+  evaluated), pair_epochs (pair_terms / n_pairs); K-wise numbers are expectations over batches.
+  """
+  if unit not in UNITS:
+    raise ValueError(f"rm_data.py: compare.unit must be one of {UNITS}, got {unit!r}")
+  if min(n_prompts, n_responses, n_pairs, prompts_per_batch, pairs_per_batch) < 1 or kwise_epochs <= 0:
+    raise ValueError(f"rm_data.py: equal_compute_plan needs positive counts, got prompts={n_prompts} "
+                     f"responses={n_responses} pairs={n_pairs} batches={prompts_per_batch}/{pairs_per_batch} "
+                     f"epochs={kwise_epochs}")
+  s_k = max(1, round(kwise_epochs * n_prompts / prompts_per_batch))
+  seen = s_k * prompts_per_batch  # prompts processed
+  kwise = {"steps": s_k, "batch_size": prompts_per_batch, "real_passes": seen * n_responses / n_prompts,
+           "padded_passes": seen * k_max, "pair_terms": seen * n_pairs / n_prompts}
+  budget = kwise["real_passes"] if unit == "real" else kwise["padded_passes"]
+  s_p = max(1, round(budget / (2 * pairs_per_batch)))
+  pairs = {"steps": s_p, "batch_size": pairs_per_batch, "real_passes": 2 * s_p * pairs_per_batch,
+           "padded_passes": 2 * s_p * pairs_per_batch, "pair_terms": s_p * pairs_per_batch}
+  for m in (kwise, pairs):
+    m["pair_epochs"] = m["pair_terms"] / n_pairs
+  return {"kwise": kwise, "pairs": pairs}
+
+
 # --------------------------------------------------------------------------------------- glue
 
 
@@ -220,11 +258,15 @@ def lm_warmup(config, workdir: str, model_cfg: gpt.GPTConfig, tok: tok_lib.Token
 
 def fit_reward_model(config, workdir: str, model_cfg: gpt.GPTConfig, tok: tok_lib.Tokenizer,
                      train_records: Sequence[Mapping], eval_records: Sequence[Mapping], *, k_max: int,
-                     batch_size: int, num_steps: int, lm_params=None, seed: int | None = None):
+                     batch_size: int, num_steps: int, lm_params=None, seed: int | None = None,
+                     eval_k_max: int | None = None):
   """Trains a scalar-head RM with the K-wise loss (K=2 pairs go through the same path).
 
-  num_steps < 0: config.epochs passes over the kept train records. lm_params: a warmed-up trunk
-  (else a fresh one). Returns (state, result dict with eval pairwise accuracy, stats).
+  Checkpoints and metrics go to `<workdir>/rm`. num_steps < 0: config.epochs passes over the
+  kept train records. lm_params: a warmed-up trunk (else a fresh one). eval_k_max (default
+  k_max): slots of the held-out batches, so a model trained on pairs is scored on the same
+  K-way eval records, i.e. the same eval pairs, as a K-wise one. Returns (state, result dict:
+  eval pairwise accuracy pooled over pairs, losses, steps, pipeline stats).
   """
   sub = _stage_config(config, batch_size, 1, config.optim)
   if seed is not None:
@@ -233,7 +275,7 @@ def fit_reward_model(config, workdir: str, model_cfg: gpt.GPTConfig, tok: tok_li
   if num_steps < 0:
     num_steps = max(1, int(config.epochs) * batches.stats.kept // sub.batch_size)
   sub.loop.num_steps = sub.optim.total_steps = int(num_steps)
-  evals = pipeline.comparison_eval_batches(eval_records, tok, sub.batch_size, config.max_len, k_max)
+  evals = pipeline.comparison_eval_batches(eval_records, tok, sub.batch_size, config.max_len, eval_k_max or k_max)
   rng_head = jax.random.PRNGKey(sub.seed + 7)
   params = (heads.from_lm(lm_params, model_cfg, rng_head) if lm_params is not None
             else heads.init(model_cfg, rng_head))
@@ -255,6 +297,13 @@ def batch_pairs(batch: Mapping[str, np.ndarray]) -> int:
   ranks, valid = np.asarray(batch["ranks"]), np.asarray(batch["valid"])
   both = valid[:, :, None] & valid[:, None, :]
   return int(np.sum(both & (ranks[:, :, None] < ranks[:, None, :])))
+
+
+def steady_s_per_step(run_dir: str, name: str) -> float:
+  """Median seconds per step over the logged intervals of `<run_dir>/metrics.jsonl` after the first
+  (the first includes jit compilation); nan if nothing was logged."""
+  sps = [h[f"{name}/steps_per_sec"] for h in loop.read_metrics(run_dir) if f"{name}/steps_per_sec" in h]
+  return 1.0 / float(np.median(sps[1:] or sps)) if sps else float("nan")
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from rlhf_jax import sampling
 from rlhf_jax.losses import ppo as ppo_losses
-from rlhf_jax.model import gpt, heads
+from rlhf_jax.model import heads
 from rlhf_jax.model.config import GPTConfig
 
 _WHERE = "rlhf_jax/train/rollout.py"

@@ -1,0 +1,218 @@
+"""Chat with a trained stage in the terminal (ChatGPT-style multi-turn dialogue, streamed).
+
+  python -m rlhf_jax.chat --workdir runs/instructgpt --stage ppo_ptx [--system "Be brief."] \
+      [--temperature 0.7 --top_k 0 --top_p 1.0 --max_new_tokens 64 --seed 0]
+
+Reads one user message per stdin line and streams the reply token by token. "/reset" clears the
+dialogue (the system message stays), "/exit" or end of input quits. The dialogue is rendered with
+`chat_format` exactly as SFT/PPO prompts are; when it no longer fits the context window the oldest
+exchanges are dropped first (never the system message). --temperature 0 decodes greedily.
+Decoding uses `sampling.prefill` + `sampling.decode_step` on a prompt left-padded to a fixed
+length, so every turn reuses the same two compiled programs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from rlhf_jax import sampling
+from rlhf_jax.data import chat_format
+from rlhf_jax.data import tokenizer as tok_lib
+from rlhf_jax.data.tokenizer import SPECIAL_TOKENS, Tokenizer
+from rlhf_jax.model.config import GPTConfig
+from rlhf_jax.train import stages
+from rlhf_jax.train.checkpoint import Checkpointer
+
+_WHERE = "rlhf_jax/chat.py"
+
+
+# ------------------------------------------------------------------------------ loading
+def _policy_params(ckpt_dir: str):
+  """Policy params of an RL checkpoint ({"policy": {"params", ...}, "value", ...})."""
+  import orbax.checkpoint as ocp
+  ckpt = Checkpointer(ckpt_dir, async_save=False)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise ValueError(f"{_WHERE}: no checkpoint found in {os.path.abspath(ckpt_dir)}")
+    state = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  finally:
+    ckpt.close()
+  if "policy" not in state:
+    raise ValueError(f"{_WHERE}: checkpoint {ckpt_dir}/{step} has neither 'params' nor 'policy' "
+                     f"(top-level keys {sorted(state)})")
+  return state["policy"]["params"]
+
+
+def load_chat_model(workdir: str, stage: str | None = None):
+  """(info, GPTConfig, tokenizer, params) of a language-model stage in workdir[/stage].
+
+  Raises ValueError for a reward/value model stage (params {"gpt", "head"}: it scores, it cannot talk).
+  """
+  path = os.path.join(workdir, stage) if stage else workdir
+  if not os.path.isdir(path):
+    raise ValueError(f"{_WHERE}: {path} does not exist" + (f" (--stage {stage} under {workdir})" if stage else ""))
+  info = stages.read_stage(path)
+  try:
+    info, cfg, tok, params = stages.load_stage(path)
+  except KeyError:  # an RL checkpoint keeps the policy under state["policy"]["params"]
+    cfg, tok = GPTConfig(**info["model"]), tok_lib.load(os.path.join(path, "tokenizer"))
+    params = _policy_params(os.path.join(path, "checkpoints"))
+  if isinstance(params, dict) and ("head" in params or "gpt" in params):
+    raise ValueError(f"{_WHERE}: {path} holds a {info.get('stage')!r} stage with a scalar head (reward/value "
+                     "model); chat needs a language model stage (pretrain, sft, ppo, ...)")
+  return info, cfg, tok, params
+
+
+# ------------------------------------------------------------------------------ history
+def fit_history(tok: Tokenizer, system: str | None, turns: Sequence[dict], budget: int
+                ) -> tuple[list[dict], list[int]]:
+  """Drops the oldest exchanges until the prompt fits `budget` tokens.
+
+  turns: user/assistant messages ending with the new user turn (no system message).
+  Returns (kept turns, prompt ids = chat_format.encode_prompt of [system] + kept turns, ending
+  with <|assistant|>). An exchange is a user turn and the replies after it, dropped together;
+  the system message and the newest user turn are never dropped. Raises ValueError if those two
+  alone exceed the budget.
+  """
+  if not turns or turns[-1]["role"] != "user":
+    raise ValueError(f"{_WHERE}: fit_history needs turns ending with a user message")
+  head = [{"role": "system", "content": system}] if system else []
+  kept = list(turns)
+  while True:
+    ids = chat_format.encode_prompt(tok, head + kept)
+    if len(ids) <= budget:
+      return kept, ids
+    if len(kept) == 1:
+      raise ValueError(f"{_WHERE}: the message needs {len(ids)} prompt tokens (with the system message) but "
+                       f"the context window leaves room for {budget}; send a shorter message")
+    kept.pop(0)
+    while kept[0]["role"] != "user":  # never start the kept dialogue with a dangling reply
+      kept.pop(0)
+
+
+# ------------------------------------------------------------------------------ streaming
+def stream_delta(tok: Tokenizer, ids: Sequence[int], shown: str) -> tuple[str, str]:
+  """Text to print after `ids` grew: (new suffix, text shown so far).
+
+  Decodes the whole id list and holds back trailing U+FFFD: a byte-level BPE piece can be the
+  first byte(s) of a multi-byte character whose remaining bytes come with the next token.
+  """
+  text = tok.decode(list(ids))
+  stable = text.rstrip("\ufffd")
+  if not stable.startswith(shown):  # cannot happen for byte-level decoding; print nothing rather than garble
+    return "", shown
+  return stable[len(shown):], stable
+
+
+def stream_reply(params, cfg, tok: Tokenizer, prompt_ids: Sequence[int], rng, *, prompt_len: int,
+                 max_new_tokens: int, temperature: float, spec: sampling.SamplingSpec,
+                 write: Callable[[str], None]) -> str:
+  """Samples one reply (until EOS / any special token / max_new_tokens), calling write() with
+  each printable piece as it is decoded. Returns the reply text."""
+  toks = np.full((1, prompt_len), tok.pad_id, np.int32)
+  mask = np.zeros((1, prompt_len), np.int32)
+  toks[0, prompt_len - len(prompt_ids):], mask[0, prompt_len - len(prompt_ids):] = prompt_ids, 1
+  state = sampling.prefill(params, cfg, toks, mask, rng, max_new_tokens=max_new_tokens, temperature=temperature,
+                           eos_id=tok.eos_id, pad_id=tok.pad_id, spec=spec)
+  ids, shown = [], ""
+  for i in range(max_new_tokens):
+    if i:
+      state = sampling.decode_step(params, cfg, state, spec=spec)
+    t = int(state["tokens"][0, i])
+    if t in tok.special_ids:  # EOS ends the reply; a role token would start someone else's turn
+      break
+    ids.append(t)
+    delta, shown = stream_delta(tok, ids, shown)
+    if delta:
+      write(delta)
+  text = tok.decode(ids)
+  if len(text) > len(shown):
+    write(text[len(shown):])
+  for s in SPECIAL_TOKENS:  # a literal special string assembled from bytes must not enter the history
+    text = text.replace(s, "")
+  return text
+
+
+def chat_loop(params, cfg, tok: Tokenizer, lines, write: Callable[[str], None], *, system: str | None = None,
+              temperature: float = 0.7, top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 64,
+              seed: int = 0, prompt: Callable[[], None] = lambda: None) -> list[dict]:
+  """Runs the dialogue over an iterable of input lines; returns the final kept history."""
+  if not 1 <= max_new_tokens < cfg.max_len:
+    raise ValueError(f"{_WHERE}: max_new_tokens={max_new_tokens} must be in [1, context window {cfg.max_len})")
+  if temperature < 0:
+    raise ValueError(f"{_WHERE}: temperature must be >= 0 (0 = greedy), got {temperature}")
+  spec = sampling.SamplingSpec(top_k=top_k, top_p=top_p, greedy=temperature == 0)
+  prompt_len = cfg.max_len - max_new_tokens + 1   # prompt + reply always fit the window
+  if system:
+    chat_format.validate_messages([{"role": "system", "content": system}])
+  history: list[dict] = []
+  rng = jax.random.PRNGKey(seed)
+  turn = 0
+  prompt()
+  for line in lines:
+    text = line.rstrip("\r\n")
+    if text.strip() == "/exit":
+      break
+    if text.strip() == "/reset":
+      history = []
+      write("[history cleared]\n")
+    elif text.strip():
+      try:
+        chat_format.validate_messages([{"role": "user", "content": text}])
+        kept, ids = fit_history(tok, system, history + [{"role": "user", "content": text}], prompt_len)
+      except ValueError as e:
+        write(f"[error: {e}]\n")
+      else:
+        write("Assistant: ")
+        reply = stream_reply(params, cfg, tok, ids, jax.random.fold_in(rng, turn), prompt_len=prompt_len,
+                             max_new_tokens=max_new_tokens, temperature=temperature or 1.0, spec=spec, write=write)
+        write("\n")
+        history = kept + [{"role": "assistant", "content": reply}]
+        turn += 1
+    prompt()
+  return history
+
+
+def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> None:
+  p = argparse.ArgumentParser(prog="python -m rlhf_jax.chat", description=__doc__.split("\n")[0])
+  p.add_argument("--workdir", required=True, help="a stage workdir, or the parent of --stage")
+  p.add_argument("--stage", default=None, help="sub-directory of --workdir holding the stage (e.g. ppo_ptx)")
+  p.add_argument("--system", default=None, help="system message (kept for the whole dialogue)")
+  p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+  p.add_argument("--top_k", type=int, default=0)
+  p.add_argument("--top_p", type=float, default=1.0)
+  p.add_argument("--max_new_tokens", type=int, default=64)
+  p.add_argument("--seed", type=int, default=0)
+  args = p.parse_args(argv)
+  stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+
+  def write(s):
+    stdout.write(s)
+    stdout.flush()
+
+  try:
+    info, cfg, tok, params = load_chat_model(args.workdir, args.stage)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  interactive = stdin.isatty()
+  if interactive:
+    write(f"[{info['stage']} model, {cfg.n_layer}x{cfg.d_model}, context {cfg.max_len} tokens; "
+          "/reset clears the dialogue, /exit quits]\n")
+  try:
+    chat_loop(params, cfg, tok, iter(stdin.readline, ""), write, system=args.system, temperature=args.temperature,
+              top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
+              prompt=(lambda: write("User: ")) if interactive else (lambda: None))
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  except KeyboardInterrupt:
+    write("\n")
+
+
+if __name__ == "__main__":
+  main()

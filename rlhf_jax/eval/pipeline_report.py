@@ -1,0 +1,99 @@
+"""Evaluates every model of an InstructGPT pipeline run and writes summary.json, a table and plots.
+
+Models: pretrained, pretrained_large (pretraining only), sft, ppo, ppo_ptx — each sampled on the
+same held-out prompts with the same settings, judged by the gold labeler (never used in
+training except to label comparisons), the RM, KL to SFT and held-out pretraining loss; Elo
+ratings from all pairwise gold comparisons; the paper's claims checked with their numbers.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections as mlc
+
+from rlhf_jax.data import lm_data, synthetic
+from rlhf_jax.eval import elo, plots, policy_eval, report
+from rlhf_jax.model import gpt, heads
+from rlhf_jax.train import loop, stages
+
+MODELS = {"pretrained": "pretrain", "pretrained_large": "pretrain_large", "sft": "sft", "ppo": "ppo",
+          "ppo_ptx": "ppo_ptx"}
+
+
+def evaluate_all(config, workdir: str, stage_results: dict) -> dict:
+  ev = config.eval
+  join = lambda n: os.path.join(workdir, n)
+  prompts = synthetic.prompts(ev.n_prompts, seed=ev.prompt_seed, split="eval")
+  settings = policy_eval.SampleSettings(max_prompt_len=ev.max_prompt_len, max_new_tokens=ev.max_new_tokens,
+                                        temperature=ev.temperature)
+  max_len = ev.max_prompt_len + ev.max_new_tokens + 1
+  rm_info, rm_cfg, _, rm_params = stages.load_stage(join("rm"), expect="rm")
+  pre_info = stages.read_stage(join("pretrain"))
+  data_cfg = mlc.ConfigDict(pre_info["data"])
+  _, _, val_rows = lm_data.prepare_lm_data(data_cfg, data_cfg.seq_len, join("pretrain"))
+  _, sft_cfg, sft_tok, sft_params = stages.load_stage(join("sft"))
+
+  loaded, responses = {}, {}
+  rng = jax.random.PRNGKey(int(config.seed) + 99)
+  for name, stage in MODELS.items():
+    _, cfg, tok, params = stages.load_stage(join(stage))
+    loaded[name] = (cfg, tok, params)
+    responses[name] = policy_eval.sample_policy(cfg, params, tok, prompts, rng, settings)
+    print(f"sampled {name}: {responses[name][:3]}")
+
+  models = {}
+  for name, (cfg, tok, params) in loaded.items():
+    same_vocab = tok.vocab_size == sft_tok.vocab_size and cfg.vocab_size == sft_cfg.vocab_size
+    m = policy_eval.evaluate_policy(
+        name, cfg, params, tok, prompts, responses[name], ref_params=sft_params if same_vocab and
+        cfg.d_model == sft_cfg.d_model and cfg.n_layer == sft_cfg.n_layer else None,
+        sft_responses=responses["sft"], rm=(rm_cfg, rm_params, rm_info["reward_offset"]),
+        pretrain_val_rows=val_rows[:256], max_len=max_len)
+    m["num_params"] = gpt.num_params(params)
+    models[name] = m
+
+  comparisons = [json.loads(line) for line in open(join("rm/comparisons_eval.jsonl"))]
+  rm_acc = policy_eval.rm_pairwise_accuracy(rm_cfg, heads.shift_bias(rm_params, rm_info["reward_offset"]),
+                                            sft_tok, comparisons, max_len=max_len)
+  ratings = elo.fit_elo(list(MODELS), elo.gold_matches(prompts, responses), anchor="sft")
+  histories = {n: loop.read_metrics(join(n)) for n in stage_results if n.startswith(("ppo", "beta_"))}
+  summary = {
+      "models": models,
+      "rm": {"heldout_accuracy": rm_acc, "noise_temperature": float(config.stages.rm.label.noise_temperature),
+             "train": stage_results.get("rm", {}).get("result")},
+      "elo": {k: ratings[k] for k in ("ratings", "se", "method", "anchor")},
+      "beta_sweep": {float(n.split("_", 1)[1]): histories[n] for n in histories if n.startswith("beta_")},
+      "stage_seconds": {n: r.get("seconds") for n, r in stage_results.items()},
+      "settings": {"n_eval_prompts": ev.n_prompts, "temperature": ev.temperature},
+  }
+  summary["claims"] = report.check_claims(summary)
+  summary["_histories"] = {"rm": loop.read_metrics(join("rm")), "ppo": histories.get("ppo", []),
+                           "ppo_ptx": histories.get("ppo_ptx", [])}
+  return summary
+
+
+def write(summary: dict, workdir: str) -> None:
+  hist = summary.pop("_histories")
+  os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+  p = lambda n: os.path.join(workdir, "plots", n)
+  plots.plot_rm_accuracy(hist["rm"], p("rm_accuracy.png"))
+  plots.plot_ppo_curves({"ppo": hist["ppo"], "ppo_ptx": hist["ppo_ptx"]}, p("ppo_curves.png"))
+  plots.plot_gold_bars(summary, p("gold_by_model.png"))
+  if summary["beta_sweep"]:
+    plots.plot_beta_sweep(summary["beta_sweep"], p("beta_sweep.png"), x="step")
+  table = report.format_table(summary)
+  lines = [table, "", "Elo (Bradley-Terry, SFT = 1000): " + ", ".join(
+      f"{k} {v:.0f}" for k, v in summary["elo"]["ratings"].items()),
+      f"RM held-out pairwise accuracy: {summary['rm']['heldout_accuracy']:.3f}", "", "Claims:"]
+  for key, c in summary["claims"].items():
+    nums = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in c["numbers"].items()
+                     if not isinstance(v, (dict, list)))
+    status = "HOLDS" if c["holds"] else ("FAILS" if c["evaluated"] else "NOT EVALUATED")
+    lines.append(f"  [{status}] {key}: {c['claim']} ({nums}) {c['reason']}".rstrip())
+  text = "\n".join(lines)
+  print(text)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(text + "\n")
+  report.write_summary(summary, os.path.join(workdir, "summary.json"))
