@@ -42,6 +42,9 @@ def configure_threads(argv=None) -> int:
   pool spin-waits when its threads are descheduled and slows down far more than XLA's.
   """
   import sys
+  global _THREADS
+  if _THREADS is not None:   # already applied by the benchmark that imported this one
+    return _THREADS
   argv = sys.argv[1:] if argv is None else argv
   n = 0
   for i, a in enumerate(argv):
@@ -57,7 +60,11 @@ def configure_threads(argv=None) -> int:
     if n == 1:
       os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
     os.environ["OMP_NUM_THREADS"] = str(n)
+  _THREADS = n
   return n
+
+
+_THREADS: int | None = None
 
 
 def add_common_flags(p: argparse.ArgumentParser, repeats: int = 5, warmup: int = 1) -> None:

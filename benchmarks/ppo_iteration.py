@@ -197,9 +197,10 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as d:
       save_hf_models(cfg, models, d)
       out = os.path.join(d, "trl.json")
+      same = ["batch", "prompt_len", "new_tokens", "ppo_epochs", "num_minibatches", "lr", "kl_coef", "repeats",
+              "warmup", "seed", "threads"]
       cmd = [args.trl_python, "-m", "benchmarks.ppo_iteration", "--side", "trl", "--model_dir", d,
-             "--json_out", out] + [a for a in (argv if argv is not None else sys.argv[1:])
-                                   if a not in ("--side=both",)]
+             "--json_out", out] + [f"--{k}={getattr(args, k)}" for k in same]
       env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "PYTHONPATH": str(common.RESULTS_DIR.parents[1])}
       print("+", " ".join(cmd), flush=True)
       proc = subprocess.run(cmd, env=env, cwd=common.RESULTS_DIR.parents[1], capture_output=True, text=True)

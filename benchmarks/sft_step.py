@@ -41,9 +41,10 @@ def optim_config(lr=1e-4):
                              grad_clip=1.0, b1=0.9, b2=0.95, eps=1e-8))
 
 
-def make_ours(cfg, batch, seed=0):
-  """(step_fn, first loss) where step_fn() runs one jitted train step and blocks."""
-  mesh = parallel.make_mesh(None, jax.devices()[:1])
+def make_ours(cfg, batch, seed=0, devices=None):
+  """(step_fn, initial params): step_fn() runs one jitted train step (data-parallel over
+  `devices`, default one device) and returns the loss (blocking)."""
+  mesh = parallel.make_mesh(None, devices or jax.devices()[:1])
   opt = state_lib.make_optimizer(optim_config())
   state, shardings = state_lib.create_state(lambda r: gpt.init(cfg, r), opt, mesh, gpt.param_axes(cfg),
                                             jax.random.PRNGKey(seed))

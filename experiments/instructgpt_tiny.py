@@ -35,10 +35,17 @@ def get_config():
   c.preset = "default"
   c.seed = 0
   c.stages = mlc.ConfigDict({name: _stage_config(name) for name in STAGE_FILES})
-  c.stages.pretrain_large.model.preset = "mini"      # 7x the parameters of "tiny", pretraining only
+  # The 15-minute CPU budget sets the sizes: the small model (2 x 128, 0.48M params) pretrains 400
+  # steps; the pretrained-only large one (3 x 256, 2.5M params = 5.3x) 300 steps of the same data.
+  c.stages.pretrain.loop.num_steps = 400
+  large = c.stages.pretrain_large
+  large.model.d_model, large.model.n_layer, large.model.n_head, large.model.head_dim = 256, 3, 8, 32
+  large.loop.num_steps = 300
+  for name in ("ppo", "ppo_ptx"):
+    c.stages[name].loop.num_steps = 80
   c.stages.ppo.ppo.ptx_coef = 0.0
   c.stages.ppo_ptx.ppo.ptx_coef = 1.0
-  c.beta_sweep = mlc.ConfigDict(dict(betas=(0.0, 0.02, 0.2), num_steps=60))
+  c.beta_sweep = mlc.ConfigDict(dict(betas=(0.0, 0.02, 0.2), num_steps=40))
   c.eval = mlc.ConfigDict(dict(n_prompts=300, prompt_seed=7, temperature=0.7, max_new_tokens=24,
                                max_prompt_len=64))
   return c

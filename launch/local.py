@@ -7,7 +7,8 @@
 Each process gets RLHF_JAX_COORDINATOR=127.0.0.1:<free port>, RLHF_JAX_NUM_PROCESSES,
 RLHF_JAX_PROCESS_ID, RLHF_JAX_CPU_COLLECTIVES=gloo (read by
 `rlhf_jax.parallel.initialize_distributed`) and, on CPU, XLA_FLAGS with
-`--xla_force_host_platform_device_count=<devices_per_process>`. Output lines are
+`--xla_force_host_platform_device_count=<devices_per_process>` (with --platform cuda:
+CUDA_VISIBLE_DEVICES, a disjoint block of GPUs per process). Output lines are
 prefixed with `[p<i>]` and written to `<log_dir>/process_<i>.log`. If one process
 fails, times out or the launcher gets Ctrl-C, every process is stopped (its whole
 process group: SIGTERM, then SIGKILL after a grace period).
@@ -61,6 +62,10 @@ def process_env(process_id: int, num_processes: int, port: int, devices_per_proc
       env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices_per_process}"])
   elif platform:
     env["JAX_PLATFORMS"] = platform
+    if platform in ("cuda", "gpu") and devices_per_process:
+      # Process i drives GPUs [i*d, (i+1)*d) of this host.
+      first = process_id * devices_per_process
+      env["CUDA_VISIBLE_DEVICES"] = ",".join(str(first + j) for j in range(devices_per_process))
   return env
 
 
@@ -167,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--num_processes", "-n", type=int, default=2)
   parser.add_argument("--devices_per_process", type=int, default=1,
-                      help="simulated CPU devices per process (XLA_FLAGS); ignored off CPU")
+                      help="CPU: simulated devices per process (XLA_FLAGS); cuda: GPUs per process "
+                           "(CUDA_VISIBLE_DEVICES); 0 = leave unset")
   parser.add_argument("--platform", default="cpu", help="JAX_PLATFORMS of the children (cpu|cuda|'' = auto)")
   parser.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
   parser.add_argument("--timeout", type=float, default=None, help="seconds per job before all are stopped")

@@ -87,7 +87,8 @@ def test_from_workdir_appends_tokens_and_grows_wte(tmp_path):
   """A pretraining workdir without task tokens: tokenizer + 3 ids, wte + 3 fresh rows, rest unchanged."""
   base = tok_lib.train_bpe(synthetic.pretraining_corpus(200, seed=1), 300)
   cfg = gpt.GPTConfig(vocab_size=base.vocab_size, max_len=16, n_layer=1, n_head=2, d_model=16)
-  params = gpt.init(cfg, jax.random.PRNGKey(0))
+  params = {"wte": jax.random.normal(jax.random.PRNGKey(0), (base.vocab_size, 16)),
+            "blocks": {"w": jnp.arange(6.0).reshape(2, 3)}}  # from_workdir only touches wte
   stages.write_stage(str(tmp_path), "pretrain", cfg)
   tok_lib.save(base, tmp_path / "tokenizer")
   ckpt = Checkpointer(str(tmp_path / "checkpoints"), async_save=False)

@@ -3,6 +3,7 @@ script executed against stub Slurm tools, the TPU step order against a stub gclo
 launcher's process handling (env, logs, failure and timeout stop every process)."""
 import os
 import shlex
+import signal
 import stat
 import subprocess
 import sys
@@ -203,6 +204,34 @@ def test_local_launch_sets_env_and_collects_logs(tmp_path, monkeypatch):
     assert r.output.split() == [str(i), "3", "127.0.0.1:12345", "gloo", "--xla_foo=1",
                                 "--xla_force_host_platform_device_count=2"]
     assert open(r.log_path).read() == r.output
+
+
+def test_local_env_for_gpus():
+  env = local.process_env(1, 2, 999, devices_per_process=4, platform="cuda")
+  assert env["CUDA_VISIBLE_DEVICES"] == "4,5,6,7" and env["JAX_PLATFORMS"] == "cuda"
+  assert "RLHF_JAX_CPU_COLLECTIVES" not in env and "XLA_FLAGS" not in env
+
+
+def test_local_ctrl_c_stops_every_process(tmp_path):
+  code = "import os, time; print('pid', os.getpid(), flush=True); time.sleep(60)"
+  launcher = subprocess.Popen([sys.executable, "-m", "launch.local", "-n", "2", "--", sys.executable, "-c", code],
+                              cwd=common.REPO, stdout=subprocess.PIPE, text=True, start_new_session=True)
+  try:
+    pids = []
+    deadline = time.monotonic() + 30
+    while len(pids) < 2 and time.monotonic() < deadline:
+      line = launcher.stdout.readline()
+      if " pid " in line:
+        pids.append(int(line.split()[-1]))
+    assert len(pids) == 2
+    launcher.send_signal(signal.SIGINT)
+    assert launcher.wait(timeout=30) != 0
+  finally:
+    if launcher.poll() is None:
+      launcher.kill()
+  for pid in pids:   # both children were stopped (and reaped) by the launcher
+    with pytest.raises(ProcessLookupError):
+      os.kill(pid, 0)
 
 
 def test_local_failure_stops_the_other_processes(tmp_path):
