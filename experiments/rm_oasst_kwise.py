@@ -46,9 +46,8 @@ def get_config():
   c.max_len = 192
   c.compare = mlc.ConfigDict(dict(modes="kwise,pairs", unit="real", kwise_epochs=3.0, prompts_per_batch=8,
                                   pairs_per_batch=-1, k_max=5, repeats=3))
-  c.epochs = 1             # unused here: steps come from the compute plan
   c.optim = rcfg.optim(lr=5e-4, warmup_steps=10, weight_decay=0.01, schedule="cosine")
-  c.loop = rcfg.loop(num_steps=-1, log_every=20, eval_every=0, ckpt_every=200)
+  c.loop = rcfg.loop(num_steps=-1, log_every=20, eval_every=0, ckpt_every=200)  # steps: from the compute plan
   c.mesh = rcfg.mesh()
   c.lm = mlc.ConfigDict(dict(num_steps=0, seq_len=128, batch_size=32, eval_batches=4,
                              optim=rcfg.optim(lr=2e-3, warmup_steps=20, weight_decay=0.1)))

@@ -12,7 +12,11 @@ import time
 
 import pytest
 
-from launch import common, local, slurm_gpu, tpu_vm
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:   # launch/ is a top-level folder of the repo, not an installed package
+  sys.path.insert(0, REPO_ROOT)
+
+from launch import common, local, slurm_gpu, tpu_vm  # noqa: E402
 
 SWEEP_EXP = textwrap.dedent('''
   def get_config():

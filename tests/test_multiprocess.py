@@ -17,10 +17,13 @@ import jax
 import numpy as np
 import pytest
 
-import multiprocess_worker as worker
-from launch import local
-
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:   # launch/ is a top-level folder of the repo, not an installed package
+  sys.path.insert(0, str(REPO))
+
+import multiprocess_worker as worker  # noqa: E402
+from launch import local  # noqa: E402
+
 WORKER = REPO / "tests" / "multiprocess_worker.py"
 TIMEOUT_S = 240   # hang guard only; the test takes ~30-40 s on 2 idle cores
 # Optimisation level 0 of XLA:CPU's LLVM backend halves compile time, which is nearly all of
