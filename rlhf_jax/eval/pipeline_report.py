@@ -50,7 +50,7 @@ def evaluate_all(config, workdir: str, stage_results: dict) -> dict:
         name, cfg, params, tok, prompts, responses[name], ref_params=sft_params if same_vocab and
         cfg.d_model == sft_cfg.d_model and cfg.n_layer == sft_cfg.n_layer else None,
         sft_responses=responses["sft"], rm=(rm_cfg, rm_params, rm_info["reward_offset"]),
-        pretrain_val_rows=val_rows[:256], max_len=max_len)
+        pretrain_val_rows=val_rows[:256], max_len=max_len, temperature=ev.temperature)
     m["num_params"] = gpt.num_params(params)
     models[name] = m
 

@@ -118,11 +118,11 @@ def _last_token_rewards(params, cfg, tokens, mask):
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
-def _last_token_kl(policy_params, ref_params, cfg, tokens, mask):
+def _last_token_kl(policy_params, ref_params, cfg, tokens, mask, temperature=1.0):
   """log pi(last token) - log pi_ref(last token), float32 [B] (rows end at the last column)."""
   tgt = tokens[:, -1:]
-  lp = token_logprobs(gpt.logits(policy_params, cfg, tokens, mask)[:, -2:-1], tgt)[:, 0]
-  lq = token_logprobs(gpt.logits(ref_params, cfg, tokens, mask)[:, -2:-1], tgt)[:, 0]
+  lp = token_logprobs(gpt.logits(policy_params, cfg, tokens, mask)[:, -2:-1] / temperature, tgt)[:, 0]
+  lq = token_logprobs(gpt.logits(ref_params, cfg, tokens, mask)[:, -2:-1] / temperature, tgt)[:, 0]
   return lp - lq
 
 
@@ -157,10 +157,11 @@ def rm_scores(rm_cfg, rm_params, tok: Tokenizer, prompts: Sequence[Sequence[dict
 
 
 def sequence_kl(policy_params, ref_params, cfg, tok: Tokenizer, prompts: Sequence[Sequence[dict]],
-                responses: Sequence[str], *, max_len: int = 96, batch_size: int = 64
+                responses: Sequence[str], *, max_len: int = 96, batch_size: int = 64, temperature: float = 1.0
                 ) -> tuple[np.ndarray, np.ndarray]:
   """(kl float32 [N], n_tokens int32 [N]): sum over response tokens (incl. EOS) of
-  log pi - log pi_ref (temperature 1), and how many tokens that sum covers."""
+  log pi - log pi_ref, both temperature-scaled like the sampler that produced the responses
+  (so it is an unbiased estimate of KL(pi_T || pi_ref,T)), and how many tokens that sum covers."""
   if len(prompts) != len(responses):
     raise ValueError(f"{_WHERE}: {len(prompts)} prompts but {len(responses)} responses")
   cfg = gpt.GPTConfig.from_dict(cfg)
@@ -170,11 +171,11 @@ def sequence_kl(policy_params, ref_params, cfg, tok: Tokenizer, prompts: Sequenc
   if full:
     fp, fr = [prompts[i] for i in full], [responses[i] for i in full]
     kl[full] = generation.response_logprob_kl(policy_params, ref_params, cfg, tok, fp, fr, max_len=max_len,
-                                              batch_size=batch_size)
+                                              batch_size=batch_size, temperature=temperature)
     n_tok[full] = [int(pipeline.encode_demonstration(tok, {"messages": list(m), "response": r}, max_len)
                        ["mask"].sum()) for m, r in zip(fp, fr)]
   if empty:
-    fn = lambda t, m: _last_token_kl(policy_params, ref_params, cfg, t, m)
+    fn = lambda t, m: _last_token_kl(policy_params, ref_params, cfg, t, m, temperature)
     kl[empty] = _eos_only_apply(fn, tok, prompts, empty, max_len, batch_size)
   return kl, n_tok
 
@@ -235,7 +236,8 @@ def _user_text(messages: Sequence[dict]) -> str:
 def evaluate_policy(name: str, cfg, params, tok: Tokenizer, prompt_records: Sequence[Mapping],
                     responses: Sequence[str], *, ref_params=None, sft_responses: Sequence[str] | None = None,
                     rm: tuple | None = None, pretrain_val_rows: np.ndarray | None = None, max_len: int = 96,
-                    batch_size: int = 64, lm_batch_size: int = 32, n_samples: int = 5) -> dict:
+                    batch_size: int = 64, lm_batch_size: int = 32, n_samples: int = 5,
+                    temperature: float = 1.0) -> dict:
   """Metrics of one policy's `responses` (one per prompt record) on held-out prompts.
 
   cfg/params: the policy (used for KL and the pretraining loss). ref_params: the SFT model (same
@@ -303,7 +305,7 @@ def evaluate_policy(name: str, cfg, params, tok: Tokenizer, prompt_records: Sequ
   out["kl_to_sft"] = out["kl_to_sft_per_token"] = None
   if ref_params is not None and n:
     kl, n_tok = sequence_kl(params, ref_params, cfg, tok, prompts, responses, max_len=max_len,
-                            batch_size=batch_size)
+                            batch_size=batch_size, temperature=temperature)
     out["kl_to_sft"] = _mean(kl)
     out["kl_to_sft_per_token"] = _mean(kl / n_tok)
 

@@ -35,5 +35,6 @@ class Monitor:
   def __call__(self, params) -> dict[str, float]:
     out = policy_eval.evaluate_policy(
         "policy", self.cfg, params, self.tok, self.records, self.sample(params), ref_params=self.sft_params,
-        sft_responses=self.sft_responses, rm=self.rm, pretrain_val_rows=self.val_rows, max_len=self.max_len)
+        sft_responses=self.sft_responses, rm=self.rm, pretrain_val_rows=self.val_rows, max_len=self.max_len,
+        temperature=self.settings.temperature)
     return {k: float(out[k]) for k in SCALARS if out.get(k) is not None}
