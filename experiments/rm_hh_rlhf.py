@@ -2,7 +2,8 @@
 
   python -m rlhf_jax.main --config experiments/rm_hh_rlhf.py --workdir runs/rm_hh
   python -m rlhf_jax.main --config experiments/rm_hh_rlhf.py --workdir runs/rm_hh_smoke --config.preset=smoke
-  python -m rlhf_jax.main --config experiments/rm_hh_rlhf.py --workdir runs/rm_hh_sweep --sweep   # scratch vs LM warm-up
+  python -m rlhf_jax.main --config experiments/rm_hh_rlhf.py --workdir runs/rm_hh_sweep --sweep
+  (the sweep: RM from scratch vs after 150 steps of LM warm-up on the train dialogues)
 
 Data: the shared TEST files of helpful-base, helpful-online and helpful-rejection-sampled (~6.2k
 pairs; the HH train files are not in ../shared/data), split train/eval by a hash of the prompt
