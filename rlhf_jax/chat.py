@@ -22,33 +22,13 @@ import numpy as np
 
 from rlhf_jax import sampling
 from rlhf_jax.data import chat_format
-from rlhf_jax.data import tokenizer as tok_lib
 from rlhf_jax.data.tokenizer import SPECIAL_TOKENS, Tokenizer
-from rlhf_jax.model.config import GPTConfig
 from rlhf_jax.train import stages
-from rlhf_jax.train.checkpoint import Checkpointer
 
 _WHERE = "rlhf_jax/chat.py"
 
 
 # ------------------------------------------------------------------------------ loading
-def _policy_params(ckpt_dir: str):
-  """Policy params of an RL checkpoint ({"policy": {"params", ...}, "value", ...})."""
-  import orbax.checkpoint as ocp
-  ckpt = Checkpointer(ckpt_dir, async_save=False)
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise ValueError(f"{_WHERE}: no checkpoint found in {os.path.abspath(ckpt_dir)}")
-    state = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  finally:
-    ckpt.close()
-  if "policy" not in state:
-    raise ValueError(f"{_WHERE}: checkpoint {ckpt_dir}/{step} has neither 'params' nor 'policy' "
-                     f"(top-level keys {sorted(state)})")
-  return state["policy"]["params"]
-
-
 def load_chat_model(workdir: str, stage: str | None = None):
   """(info, GPTConfig, tokenizer, params) of a language-model stage in workdir[/stage].
 
@@ -57,12 +37,7 @@ def load_chat_model(workdir: str, stage: str | None = None):
   path = os.path.join(workdir, stage) if stage else workdir
   if not os.path.isdir(path):
     raise ValueError(f"{_WHERE}: {path} does not exist" + (f" (--stage {stage} under {workdir})" if stage else ""))
-  info = stages.read_stage(path)
-  try:
-    info, cfg, tok, params = stages.load_stage(path)
-  except KeyError:  # an RL checkpoint keeps the policy under state["policy"]["params"]
-    cfg, tok = GPTConfig(**info["model"]), tok_lib.load(os.path.join(path, "tokenizer"))
-    params = _policy_params(os.path.join(path, "checkpoints"))
+  info, cfg, tok, params = stages.load_stage(path)  # RL stages: checkpoint.load_params reads the policy
   if isinstance(params, dict) and ("head" in params or "gpt" in params):
     raise ValueError(f"{_WHERE}: {path} holds a {info.get('stage')!r} stage with a scalar head (reward/value "
                      "model); chat needs a language model stage (pretrain, sft, ppo, ...)")
