@@ -353,6 +353,11 @@ def test_claims_fail_on_bad_summaries():
   falling_rm = _summary()
   falling_rm["beta_sweep"]["0.01"] = _ppo_history(gold_peak=4, score_slope=-0.1)
   assert fails(falling_rm, "f_overoptimisation_at_small_beta")
+  blind_rm = _summary(ppo__win_rate_vs_sft_gold=0.45)
+  blind_rm["rm"]["best_of_n_sft"] = {"gold_mean_sample": 0.48, "gold_best_of_n_rm": 0.47,
+                                     "gold_best_of_n_oracle": 0.65, "onpolicy_pair_accuracy": 0.53}
+  c = report.check_claims(blind_rm)["c_ppo_beats_sft"]
+  assert not c["holds"] and "best-of-n" in c["reason"] and c["numbers"]["gold_best_of_n_oracle"] == 0.65
   empty = report.check_claims({"models": {}})
   assert all(not c["holds"] and not c["evaluated"] and c["reason"] for c in empty.values())
 

@@ -41,6 +41,10 @@ def test_instructgpt_smoke_pipeline(tmp_path):
     assert _finite(summary["models"][name]["kl_to_sft"])
   assert summary["models"]["sft"]["win_rate_vs_sft_gold"] == 0.5
   assert 0.0 <= summary["rm"]["heldout_accuracy"] <= 1.0
+  bon = summary["rm"]["best_of_n_sft"]
+  for key in ("gold_mean_sample", "gold_best_of_n_rm", "gold_best_of_n_oracle"):
+    assert 0.0 <= bon[key] <= 1.0, (key, bon[key])
+  assert bon["gold_best_of_n_oracle"] >= max(bon["gold_best_of_n_rm"], bon["gold_mean_sample"])
   assert set(summary["elo"]["ratings"]) == {"pretrained", "pretrained_large", "sft", "ppo", "ppo_ptx"}
   assert len(summary["beta_sweep"]) >= 2
   assert set(summary["claims"]) and all("holds" in c for c in summary["claims"].values())

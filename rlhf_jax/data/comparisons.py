@@ -31,21 +31,11 @@ class RecordList(list):
   stats: records.Tally
 
 
-def _where(record: Any, index: int) -> str:
-  rid = record.get("id") if isinstance(record, Mapping) else None
-  return f"record {index}" + (f" (id {rid!r})" if rid not in (None, "") else "")
 
-
-def _need(record: Any, key: str, where: str) -> Any:
-  if not isinstance(record, Mapping):
-    raise ValueError(f"comparisons.py: {where}: expected a dict record, got {type(record).__name__}")
-  if key not in record:
-    raise ValueError(f"comparisons.py: {where}: missing key {key!r} (record has keys {sorted(record)})")
-  return record[key]
 
 
 def _prompt_messages(record: Any, where: str) -> list[dict]:
-  messages = _need(record, "messages", where)
+  messages = records.require(record, "messages", where)
   if not isinstance(messages, (list, tuple)) or not messages:
     raise ValueError(f"comparisons.py: {where}: key 'messages': expected a non-empty list of messages")
   if not isinstance(messages[-1], Mapping) or messages[-1].get("role") == "assistant":
@@ -92,7 +82,7 @@ def label_comparisons(prompt_records: Sequence[Mapping[str, Any]],
   out = RecordList()
   tally = records.Tally(extra={"empty_removed": 0, "duplicates_removed": 0})
   for i, (record, responses) in enumerate(zip(prompt_records, responses_per_prompt)):
-    where = _where(record, i)
+    where = records.record_where(record, i)
     messages = _prompt_messages(record, where)
     if isinstance(responses, str) or not all(isinstance(r, str) for r in responses):
       raise ValueError(f"comparisons.py: {where}: responses must be a list of str")
@@ -133,10 +123,10 @@ def comparisons_to_pairs(comparisons: Sequence[Mapping[str, Any]]) -> RecordList
   out = RecordList()
   tally = records.Tally(extra={"tied_pairs": 0})
   for n, record in enumerate(comparisons):
-    where = _where(record, n)
+    where = records.record_where(record, n)
     messages = _prompt_messages(record, where)
-    responses = _need(record, "responses", where)
-    ranks = _need(record, "ranks", where)
+    responses = records.require(record, "responses", where)
+    ranks = records.require(record, "ranks", where)
     if not isinstance(responses, (list, tuple)) or not isinstance(ranks, (list, tuple, np.ndarray)) \
         or len(responses) != len(ranks):
       raise ValueError(f"comparisons.py: {where}: keys 'responses'/'ranks': expected equal-length lists")

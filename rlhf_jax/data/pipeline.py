@@ -39,6 +39,7 @@ import grain
 import jax
 import numpy as np
 
+from rlhf_jax.data import records as record_lib
 from rlhf_jax.data.chat_format import validate_messages
 from rlhf_jax.data.comparisons import comparisons_to_pairs, label_comparisons  # noqa: F401 (re-export)
 from rlhf_jax.data.tokenizer import Tokenizer
@@ -117,21 +118,11 @@ class BatchList(list):
 # ------------------------------------------------------------------------ record validation
 
 
-def _where(record: Any, index: int) -> str:
-  rid = record.get("id") if isinstance(record, Mapping) else None
-  return f"record {index}" + (f" (id {rid!r})" if rid not in (None, "") else "")
 
-
-def _get(record: Any, key: str, where: str) -> Any:
-  if not isinstance(record, Mapping):
-    raise ValueError(f"pipeline.py: {where}: expected a dict record, got {type(record).__name__}")
-  if key not in record:
-    raise ValueError(f"pipeline.py: {where}: missing key {key!r} (record has keys {sorted(record)})")
-  return record[key]
 
 
 def _messages(record: Any, where: str) -> list[dict]:
-  messages = _get(record, "messages", where)
+  messages = record_lib.require(record, "messages", where)
   try:
     validate_messages(messages)
   except ValueError as e:
@@ -166,8 +157,8 @@ def _demonstration_parts(record: Any, where: str) -> tuple[list[dict], str]:
 
 def _comparison_parts(record: Any, where: str) -> tuple[list[dict], list[str], list[int]]:
   messages = _prompt_messages(record, where)
-  responses = _get(record, "responses", where)
-  ranks = _get(record, "ranks", where)
+  responses = record_lib.require(record, "responses", where)
+  ranks = record_lib.require(record, "ranks", where)
   if not isinstance(responses, (list, tuple)) or not all(isinstance(r, str) for r in responses):
     raise ValueError(f"pipeline.py: {where}: key 'responses': expected a list of str")
   if not isinstance(ranks, (list, tuple, np.ndarray)) or len(ranks) != len(responses):
@@ -361,7 +352,7 @@ def encode_demonstration(tok: Tokenizer, record: Mapping[str, Any], max_len: int
   """
   max_len = _check_len("max_len", max_len, 4)
   try:
-    return _demonstration_example(tok, record, max_len, _where(record, 0), history_loss, [])
+    return _demonstration_example(tok, record, max_len, record_lib.record_where(record, 0), history_loss, [])
   except _Skip as s:
     raise ValueError(f"pipeline.py: demonstration cannot be encoded in {max_len} tokens: {s.reason}") from None
 
@@ -399,7 +390,7 @@ def encode_comparison(tok: Tokenizer, record: Mapping[str, Any], max_len: int, k
   max_len = _check_len("max_len", max_len, 4)
   k_max = _check_len("k_max", k_max, 2)
   try:
-    return _comparison_example(tok, record, max_len, k_max, _where(record, index), index, [], [])
+    return _comparison_example(tok, record, max_len, k_max, record_lib.record_where(record, index), index, [], [])
   except _Skip as s:
     raise ValueError(f"pipeline.py: comparison cannot be encoded in {max_len} tokens: {s.reason}") from None
 
@@ -414,7 +405,7 @@ def _scan(name: str, records: Records, encode: Callable[[Any, int, list, list], 
   kept = []
   for i in range(len(records)):
     record = records[i]
-    where = _where(record, i)
+    where = record_lib.record_where(record, i)
     events: list[str] = []
     dropped: list[str] = []
     stats.seen += 1
@@ -518,7 +509,7 @@ class _SftFn:
   history_loss: bool
 
   def __call__(self, record, index, events, dropped):
-    return _demonstration_example(self.tok, record, self.max_len, _where(record, index),
+    return _demonstration_example(self.tok, record, self.max_len, record_lib.record_where(record, index),
                                   self.history_loss, events)
 
 
@@ -563,7 +554,7 @@ class _ComparisonFn:
   k_max: int
 
   def __call__(self, record, index, events, dropped):
-    return _comparison_example(self.tok, record, self.max_len, self.k_max, _where(record, index),
+    return _comparison_example(self.tok, record, self.max_len, self.k_max, record_lib.record_where(record, index),
                                index, events, dropped)
 
 
@@ -604,7 +595,7 @@ class _PromptFn:
   max_prompt_len: int
 
   def __call__(self, record, index, events, dropped):
-    messages = _prompt_messages(record, _where(record, index))
+    messages = _prompt_messages(record, record_lib.record_where(record, index))
     tokens, mask = _prompt_example(self.tok, messages, self.max_prompt_len, events)
     return {"tokens": tokens, "attention_mask": mask, "index": np.int32(index)}
 

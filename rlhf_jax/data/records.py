@@ -106,7 +106,7 @@ class Tally:
 # ----------------------------------------------------------------------------------- reading
 
 
-def _error(where: str, key: str | None, problem: str) -> ValueError:
+def field_error(where: str, key: str | None, problem: str) -> ValueError:
     return ValueError(f"{where}: key '{key}': {problem}" if key else f"{where}: {problem}")
 
 
@@ -134,7 +134,7 @@ def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise _error(f"{path}:{n}", None, f"not valid UTF-8 ({e.reason} at byte {e.start})")
+                raise field_error(f"{path}:{n}", None, f"not valid UTF-8 ({e.reason} at byte {e.start})")
             if n == 1:
                 line = line.removeprefix("\ufeff")
             if line.strip():
@@ -148,9 +148,9 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise _error(where, None, f"malformed JSON ({e.msg} at column {e.colno})") from None
+            raise field_error(where, None, f"malformed JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
-            raise _error(where, None, f"expected a JSON object, got {type(obj).__name__}")
+            raise field_error(where, None, f"expected a JSON object, got {type(obj).__name__}")
         yield where, obj
 
 
@@ -162,7 +162,7 @@ def read_text(path: str | os.PathLike) -> str:
         return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise _error(f"{path}:{line}", None, f"not valid UTF-8 ({e.reason})") from None
+        raise field_error(f"{path}:{line}", None, f"not valid UTF-8 ({e.reason})") from None
 
 
 def parse_jsonl(
@@ -190,20 +190,35 @@ def parse_jsonl(
 # ------------------------------------------------------------------------------ field checks
 
 
-def _get(obj: Mapping, key: str, where: str, label: str | None = None) -> Any:
+def record_where(record: Any, index: int) -> str:
+    """'record 3' or 'record 3 (id 'file.jsonl:12')': where a record is, for error messages."""
+    rid = record.get("id") if isinstance(record, Mapping) else None
+    return f"record {index}" + (f" (id {rid!r})" if rid not in (None, "") else "")
+
+
+def require(record: Any, key: str, where: str) -> Any:
+    """``record[key]`` of an already-parsed record; one clear error if it is not a dict or lacks key."""
+    if not isinstance(record, Mapping):
+        raise ValueError(f"{where}: expected a dict record, got {type(record).__name__}")
+    if key not in record:
+        raise ValueError(f"{where}: missing key {key!r} (record has keys {sorted(record)})")
+    return record[key]
+
+
+def get_field(obj: Mapping, key: str, where: str, label: str | None = None) -> Any:
     """``obj[key]``; ``label`` is the key's name in messages (e.g. ``instances[0].output``)."""
     if key not in obj:
-        raise _error(where, label or key, "missing")
+        raise field_error(where, label or key, "missing")
     return obj[key]
 
 
-def _text(obj: Mapping, key: str, where: str, *, allow_blank: bool = False,
+def text_field(obj: Mapping, key: str, where: str, *, allow_blank: bool = False,
           label: str | None = None) -> str:
-    value = _get(obj, key, where, label)
+    value = get_field(obj, key, where, label)
     if not isinstance(value, str):
-        raise _error(where, label or key, f"expected a string, got {type(value).__name__}")
+        raise field_error(where, label or key, f"expected a string, got {type(value).__name__}")
     if not allow_blank and not value.strip():
-        raise _error(where, label or key, "is empty")
+        raise field_error(where, label or key, "is empty")
     return value
 
 
@@ -212,41 +227,41 @@ def _optional_system(obj: Mapping, where: str) -> list[dict]:
     value = obj.get("system")
     if value is None or value == "":
         return []
-    return [{"role": "system", "content": _text(obj, "system", where)}]
+    return [{"role": "system", "content": text_field(obj, "system", where)}]
 
 
 def parse_messages(value: Any, where: str, key: str = "messages") -> list[dict]:
     """Validates a dialogue: a non-empty list of ``{"role", "content"}`` (see module rules)."""
     if not isinstance(value, list) or not value:
-        raise _error(where, key, "expected a non-empty list of {role, content} objects")
+        raise field_error(where, key, "expected a non-empty list of {role, content} objects")
     out = []
     for i, m in enumerate(value):
         k = f"{key}[{i}]"
         if not isinstance(m, dict):
-            raise _error(where, k, f"expected an object, got {type(m).__name__}")
+            raise field_error(where, k, f"expected an object, got {type(m).__name__}")
         if "role" not in m:
-            raise _error(where, f"{k}.role", "missing")
+            raise field_error(where, f"{k}.role", "missing")
         role = m["role"]
         if role not in ROLES:
-            raise _error(where, f"{k}.role", f"unknown role {role!r}; expected one of {ROLES}")
+            raise field_error(where, f"{k}.role", f"unknown role {role!r}; expected one of {ROLES}")
         if role == "system" and i != 0:
-            raise _error(where, f"{k}.role", "a system message is allowed only first")
+            raise field_error(where, f"{k}.role", "a system message is allowed only first")
         if "content" not in m:
-            raise _error(where, f"{k}.content", "missing")
+            raise field_error(where, f"{k}.content", "missing")
         content = m["content"]
         if not isinstance(content, str):
-            raise _error(where, f"{k}.content", f"expected a string, got {type(content).__name__}")
+            raise field_error(where, f"{k}.content", f"expected a string, got {type(content).__name__}")
         if not content.strip():
-            raise _error(where, f"{k}.content", "is empty")
+            raise field_error(where, f"{k}.content", "is empty")
         out.append({"role": role, "content": content})
     if not any(m["role"] == "user" for m in out):
-        raise _error(where, key, "has no user message")
+        raise field_error(where, key, "has no user message")
     return out
 
 
 def _check_not_both(obj: Mapping, where: str) -> None:
     if "messages" in obj and "prompt" in obj:
-        raise _error(where, "messages", "give either 'messages' or 'prompt', not both")
+        raise field_error(where, "messages", "give either 'messages' or 'prompt', not both")
 
 
 def _prompt_messages(obj: Mapping, where: str) -> list[dict]:
@@ -256,12 +271,12 @@ def _prompt_messages(obj: Mapping, where: str) -> list[dict]:
         messages = parse_messages(obj["messages"], where)
     elif "prompt" in obj:
         messages = _optional_system(obj, where) + [
-            {"role": "user", "content": _text(obj, "prompt", where)}
+            {"role": "user", "content": text_field(obj, "prompt", where)}
         ]
     else:
-        raise _error(where, "messages", "missing (expected 'messages' or 'prompt')")
+        raise field_error(where, "messages", "missing (expected 'messages' or 'prompt')")
     if messages[-1]["role"] != "user":
-        raise _error(where, "messages", f"must end with a user turn, got {messages[-1]['role']!r}")
+        raise field_error(where, "messages", f"must end with a user turn, got {messages[-1]['role']!r}")
     return messages
 
 
@@ -277,23 +292,23 @@ def _instruction_pairs(obj: Mapping, where: str) -> list[tuple[str, str | None, 
     Alpaca: ``{"instruction", "input"?, "output"}``. ``output`` is None when absent; the third
     item is the key prefix for error messages.
     """
-    instruction = _text(obj, "instruction", where)
+    instruction = text_field(obj, "instruction", where)
     if "instances" in obj:
         instances = obj["instances"]
         if not isinstance(instances, list) or not instances:
-            raise _error(where, "instances", "expected a non-empty list of {input, output}")
+            raise field_error(where, "instances", "expected a non-empty list of {input, output}")
         items = []
         for i, inst in enumerate(instances):
             k = f"instances[{i}]"
             if not isinstance(inst, dict):
-                raise _error(where, k, f"expected an object, got {type(inst).__name__}")
-            inp = (_text(inst, "input", where, allow_blank=True, label=f"{k}.input")
+                raise field_error(where, k, f"expected an object, got {type(inst).__name__}")
+            inp = (text_field(inst, "input", where, allow_blank=True, label=f"{k}.input")
                    if "input" in inst else "")
-            out = _text(inst, "output", where, label=f"{k}.output") if "output" in inst else None
+            out = text_field(inst, "output", where, label=f"{k}.output") if "output" in inst else None
             items.append((_instruction_prompt(instruction, inp), out, f"{k}."))
         return items
-    inp = _text(obj, "input", where, allow_blank=True) if "input" in obj else ""
-    out = _text(obj, "output", where) if "output" in obj else None
+    inp = text_field(obj, "input", where, allow_blank=True) if "input" in obj else ""
+    out = text_field(obj, "output", where) if "output" in obj else None
     return [(_instruction_prompt(instruction, inp), out, "")]
 
 
@@ -310,24 +325,24 @@ def parse_demonstrations(obj: Mapping, where: str) -> list[Record]:
     if "messages" in obj:
         messages = parse_messages(obj["messages"], where)
         if messages[-1]["role"] != "assistant":
-            raise _error(where, "messages", "must end with the assistant response, "
+            raise field_error(where, "messages", "must end with the assistant response, "
                          f"got {messages[-1]['role']!r}")
         if len(messages) < 2 or messages[-2]["role"] != "user":
-            raise _error(where, "messages", "the assistant response must follow a user turn")
+            raise field_error(where, "messages", "the assistant response must follow a user turn")
         return [{"messages": messages}]
     if "prompt" in obj:
         prompt = _prompt_messages(obj, where)
         return [{"messages": prompt + [{"role": "assistant",
-                                        "content": _text(obj, "response", where)}]}]
+                                        "content": text_field(obj, "response", where)}]}]
     if "instruction" in obj:
         records = []
         for prompt, output, prefix in _instruction_pairs(obj, where):
             if output is None:
-                raise _error(where, f"{prefix}output", "missing")
+                raise field_error(where, f"{prefix}output", "missing")
             records.append({"messages": [{"role": "user", "content": prompt},
                                          {"role": "assistant", "content": output}]})
         return records
-    raise _error(where, None, f"no demonstration fields; expected one of {_DEMO_FORMS}")
+    raise field_error(where, None, f"no demonstration fields; expected one of {_DEMO_FORMS}")
 
 
 def parse_prompts(obj: Mapping, where: str) -> list[Record]:
@@ -341,7 +356,7 @@ def parse_prompts(obj: Mapping, where: str) -> list[Record]:
     if "instruction" in obj:
         return [{"messages": [{"role": "user", "content": p}]}
                 for p, _, _ in _instruction_pairs(obj, where)]
-    raise _error(where, None, "no prompt fields; expected 'messages', 'prompt' or 'instruction'")
+    raise field_error(where, None, "no prompt fields; expected 'messages', 'prompt' or 'instruction'")
 
 
 # ---------------------------------------------------------------------------------- rankings
@@ -356,14 +371,14 @@ def dense_ranks(ranks: Sequence[int]) -> list[int]:
 def parse_ranks(value: Any, num_responses: int, where: str, key: str = "ranks") -> list[int]:
     """Validates a ranking: a list of ``num_responses`` non-negative ints (bools rejected)."""
     if not isinstance(value, list):
-        raise _error(where, key, f"expected a list of integers, got {type(value).__name__}")
+        raise field_error(where, key, f"expected a list of integers, got {type(value).__name__}")
     if len(value) != num_responses:
-        raise _error(where, key, f"has {len(value)} ranks for {num_responses} responses")
+        raise field_error(where, key, f"has {len(value)} ranks for {num_responses} responses")
     for i, r in enumerate(value):
         if isinstance(r, bool) or not isinstance(r, int):
-            raise _error(where, f"{key}[{i}]", f"expected a non-negative integer, got {r!r}")
+            raise field_error(where, f"{key}[{i}]", f"expected a non-negative integer, got {r!r}")
         if r < 0:
-            raise _error(where, f"{key}[{i}]", f"is negative ({r})")
+            raise field_error(where, f"{key}[{i}]", f"is negative ({r})")
     return list(value)
 
 
@@ -386,24 +401,24 @@ def parse_comparison(obj: Mapping, where: str) -> Record:
     listed = "responses" in obj or "ranks" in obj
     paired = "chosen" in obj or "rejected" in obj
     if listed and paired:
-        raise _error(where, "responses", "give 'responses'+'ranks' or 'chosen'+'rejected', not both")
+        raise field_error(where, "responses", "give 'responses'+'ranks' or 'chosen'+'rejected', not both")
     if paired:
-        responses = [_text(obj, "chosen", where), _text(obj, "rejected", where)]
+        responses = [text_field(obj, "chosen", where), text_field(obj, "rejected", where)]
         ranks = [0, 1]
     elif listed:
-        value = _get(obj, "responses", where)
+        value = get_field(obj, "responses", where)
         if not isinstance(value, list) or len(value) < 2:
-            raise _error(where, "responses", "expected a list of at least 2 strings")
+            raise field_error(where, "responses", "expected a list of at least 2 strings")
         responses = []
         for i, r in enumerate(value):
             if not isinstance(r, str):
-                raise _error(where, f"responses[{i}]", f"expected a string, got {type(r).__name__}")
+                raise field_error(where, f"responses[{i}]", f"expected a string, got {type(r).__name__}")
             if not r.strip():
-                raise _error(where, f"responses[{i}]", "is empty")
+                raise field_error(where, f"responses[{i}]", "is empty")
             responses.append(r)
-        ranks = parse_ranks(_get(obj, "ranks", where), len(responses), where)
+        ranks = parse_ranks(get_field(obj, "ranks", where), len(responses), where)
     else:
-        raise _error(where, "responses", "missing (expected 'responses'+'ranks' or "
+        raise field_error(where, "responses", "missing (expected 'responses'+'ranks' or "
                      "'chosen'+'rejected')")
     return ranked_group(messages, responses, ranks)
 
@@ -434,7 +449,7 @@ def parse_hh_pair(obj: Mapping, where: str) -> Record:
     duplicate_responses, then the prompt's own structure (malformed_transcript, empty_turn,
     prompt_not_ending_in_user).
     """
-    chosen, rejected = _text(obj, "chosen", where), _text(obj, "rejected", where)
+    chosen, rejected = text_field(obj, "chosen", where), text_field(obj, "rejected", where)
     cut_c, cut_r = chosen.rfind(_HH_LAST), rejected.rfind(_HH_LAST)
     if cut_c < 0 or cut_r < 0:
         raise Skip("malformed_transcript")
@@ -462,20 +477,20 @@ def parse_oasst_message(obj: Mapping, where: str) -> dict:
         # bool is a subclass of int in python, so compare exact types.
         value = obj.get(key)
         if value is not None and type(value) is not kind:
-            raise _error(where, key, f"expected {what} or null, got {value!r}")
+            raise field_error(where, key, f"expected {what} or null, got {value!r}")
         return value
 
-    role = _get(obj, "role", where)
+    role = get_field(obj, "role", where)
     if role not in _OASST_ROLE:
-        raise _error(where, "role", f"unknown role {role!r}; expected 'prompter' or 'assistant'")
+        raise field_error(where, "role", f"unknown role {role!r}; expected 'prompter' or 'assistant'")
     rank = optional("rank", int, "a non-negative integer")
     if rank is not None and rank < 0:
-        raise _error(where, "rank", f"is negative ({rank})")
+        raise field_error(where, "rank", f"is negative ({rank})")
     return {
-        "message_id": _text(obj, "message_id", where),
+        "message_id": text_field(obj, "message_id", where),
         "parent_id": optional("parent_id", str, "a string"),
         "role": role,
-        "text": _text(obj, "text", where, allow_blank=True),
+        "text": text_field(obj, "text", where, allow_blank=True),
         "rank": rank,
         "deleted": bool(optional("deleted", bool, "a boolean")),
         "where": where,
@@ -488,7 +503,7 @@ def read_oasst(path: str | os.PathLike) -> list[dict]:
     for where, obj in read_jsonl(path):
         m = parse_oasst_message(obj, where)
         if m["message_id"] in seen:
-            raise _error(where, "message_id", f"duplicate of {seen[m['message_id']]}")
+            raise field_error(where, "message_id", f"duplicate of {seen[m['message_id']]}")
         seen[m["message_id"]] = where
         messages.append(m)
     return messages
@@ -605,7 +620,7 @@ def text_units(text: str, unit: str) -> list[tuple[int, str]]:
 
 def parse_text_record(obj: Mapping, where: str, key: str = "text") -> Record:
     """A JSONL pretraining row -> ``{"text"}``; a blank text is ``Skip("empty_text")``."""
-    text = _text(obj, key, where, allow_blank=True)
+    text = text_field(obj, key, where, allow_blank=True)
     if not text.strip():
         raise Skip("empty_text")
     return {"text": text}

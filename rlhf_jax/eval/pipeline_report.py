@@ -14,7 +14,7 @@ import jax
 import ml_collections as mlc
 
 from rlhf_jax.data import lm_data, synthetic
-from rlhf_jax.eval import elo, plots, policy_eval, report
+from rlhf_jax.eval import elo, plots, policy_eval, report, rm_diagnostics
 from rlhf_jax.model import gpt, heads
 from rlhf_jax.train import loop, stages
 
@@ -57,12 +57,18 @@ def evaluate_all(config, workdir: str, stage_results: dict) -> dict:
   comparisons = [json.loads(line) for line in open(join("rm/comparisons_eval.jsonl"))]
   rm_acc = policy_eval.rm_pairwise_accuracy(rm_cfg, heads.shift_bias(rm_params, rm_info["reward_offset"]),
                                             sft_tok, comparisons, max_len=max_len)
+  # Can this RM guide PPO at all? Best-of-n of SFT samples by the RM vs by gold (see rm_diagnostics).
+  shifted_rm = heads.shift_bias(rm_params, rm_info["reward_offset"])
+  bon = rm_diagnostics.best_of_n(sft_cfg, sft_params, sft_tok, rm_cfg, shifted_rm, prompts,
+                                 jax.random.PRNGKey(int(config.seed) + 123), n=ev.best_of_n,
+                                 temperature=ev.temperature, max_prompt_len=ev.max_prompt_len,
+                                 max_new_tokens=ev.max_new_tokens)
   ratings = elo.fit_elo(list(MODELS), elo.gold_matches(prompts, responses), anchor="sft")
   histories = {n: loop.read_metrics(join(n)) for n in stage_results if n.startswith(("ppo", "beta_"))}
   summary = {
       "models": models,
       "rm": {"heldout_accuracy": rm_acc, "noise_temperature": float(config.stages.rm.label.noise_temperature),
-             "train": stage_results.get("rm", {}).get("result")},
+             "train": stage_results.get("rm", {}).get("result"), "best_of_n_sft": bon},
       "elo": {k: ratings[k] for k in ("ratings", "se", "method", "anchor")},
       "beta_sweep": {float(n.split("_", 1)[1]): histories[n] for n in histories if n.startswith("beta_")},
       "stage_seconds": {n: r.get("seconds") for n, r in stage_results.items()},
@@ -72,6 +78,13 @@ def evaluate_all(config, workdir: str, stage_results: dict) -> dict:
   summary["_histories"] = {"rm": loop.read_metrics(join("rm")), "ppo": histories.get("ppo", []),
                            "ppo_ptx": histories.get("ppo_ptx", [])}
   return summary
+
+
+def _bon_line(b: dict) -> str:
+  acc = b["onpolicy_pair_accuracy"]
+  return (f"RM on SFT's own samples (best of {b['n']}, gold): random sample {b['gold_mean_sample']:.3f}, "
+          f"RM's pick {b['gold_best_of_n_rm']:.3f}, gold's pick {b['gold_best_of_n_oracle']:.3f}; "
+          f"pair accuracy {'-' if acc is None else f'{acc:.3f}'} over {b['n_pairs']} pairs")
 
 
 def write(summary: dict, workdir: str) -> None:
@@ -86,7 +99,8 @@ def write(summary: dict, workdir: str) -> None:
   table = report.format_table(summary)
   lines = [table, "", "Elo (Bradley-Terry, SFT = 1000): " + ", ".join(
       f"{k} {v:.0f}" for k, v in summary["elo"]["ratings"].items()),
-      f"RM held-out pairwise accuracy: {summary['rm']['heldout_accuracy']:.3f}", "", "Claims:"]
+      f"RM held-out pairwise accuracy: {summary['rm']['heldout_accuracy']:.3f}", _bon_line(summary["rm"]["best_of_n_sft"]),
+      "", "Claims:"]
   for key, c in summary["claims"].items():
     nums = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in c["numbers"].items()
                      if not isinstance(v, (dict, list)))

@@ -137,7 +137,14 @@ def _claim_ppo_beats_sft(summary, threshold: float) -> dict:
   (win,), missing = _need(summary, ("ppo", "win_rate_vs_sft_gold"))
   if missing:
     return _claim(text, evaluated=False, reason=missing)
-  return _claim(text, win > threshold, win_rate_vs_sft_gold=win, threshold=threshold)
+  bon = (summary.get("rm") or {}).get("best_of_n_sft") or {}
+  extra = {k: bon[k] for k in ("gold_mean_sample", "gold_best_of_n_rm", "gold_best_of_n_oracle",
+                               "onpolicy_pair_accuracy") if bon.get(k) is not None}
+  reason = ""
+  if win <= threshold and extra.get("gold_best_of_n_rm", 1.0) <= extra.get("gold_mean_sample", 0.0) + 0.01:
+    reason = ("the RM cannot rank SFT's own samples: its best-of-n pick scores no better on gold than a "
+              "random sample, so there is no signal for PPO to follow")
+  return _claim(text, win > threshold, reason=reason, win_rate_vs_sft_gold=win, threshold=threshold, **extra)
 
 
 def _claim_ptx(summary, keep: float) -> dict:

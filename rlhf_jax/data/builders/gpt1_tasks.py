@@ -52,19 +52,19 @@ class Gpt1TasksConfig(JsonlConfig):
 
 
 def _text(obj: Mapping, key: str, where: str, label: str | None = None) -> str:
-    value = records._text(obj, key, where, label=label)
+    value = records.text_field(obj, key, where, label=label)
     bad = [t for t in _FORBIDDEN if t in value]
     if bad:
-        raise records._error(where, label or key, f"contains the special-token string {bad[0]!r}")
+        raise records.field_error(where, label or key, f"contains the special-token string {bad[0]!r}")
     return value
 
 
 def _label(obj: Mapping, where: str, bound: int, what: str) -> int:
-    value = records._get(obj, "label", where)
+    value = records.get_field(obj, "label", where)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise records._error(where, "label", f"expected a non-negative integer, got {value!r}")
+        raise records.field_error(where, "label", f"expected a non-negative integer, got {value!r}")
     if not 0 <= value < bound:
-        raise records._error(where, "label", f"{value} is out of range [0, {bound}) ({what})")
+        raise records.field_error(where, "label", f"{value} is out of range [0, {bound}) ({what})")
     return value
 
 
@@ -73,9 +73,9 @@ def parse_record(task: str, obj: Mapping, where: str, num_classes: int = 0) -> r
     if task not in TASKS:
         raise ValueError(f"gpt1_tasks: unknown task {task!r}; choose one of {TASKS}")
     if task == "multiple_choice":
-        options = records._get(obj, "options", where)
+        options = records.get_field(obj, "options", where)
         if not isinstance(options, list) or len(options) < 2:
-            raise records._error(where, "options", "expected a list of at least 2 strings")
+            raise records.field_error(where, "options", "expected a list of at least 2 strings")
         opts = [_text({"o": o}, "o", where, label=f"options[{i}]") for i, o in enumerate(options)]
         return {"context": _text(obj, "context", where), "options": opts,
                 "label": _label(obj, where, len(opts), f"{len(opts)} options")}
@@ -99,15 +99,15 @@ def read_tsv(path: str | Path, task: str) -> Iterator[tuple[str, dict]]:
             missing = [k for k in need if k not in header] + (["option*"] if task == "multiple_choice" and not cols
                                                              else [])
             if missing:
-                raise records._error(where, None, f"TSV header lacks column(s) {missing} for task {task!r}")
+                raise records.field_error(where, None, f"TSV header lacks column(s) {missing} for task {task!r}")
             continue
         if len(cells) != len(header):
-            raise records._error(where, None, f"has {len(cells)} tab-separated cells, the header has {len(header)}")
+            raise records.field_error(where, None, f"has {len(cells)} tab-separated cells, the header has {len(header)}")
         row = dict(zip(header, cells))
         try:
             row["label"] = int(row["label"].strip())
         except ValueError:
-            raise records._error(where, "label", f"expected an integer, got {row['label']!r}") from None
+            raise records.field_error(where, "label", f"expected an integer, got {row['label']!r}") from None
         if task == "multiple_choice":
             row["options"] = [row[c] for c in cols if row[c].strip()]
         yield where, row
