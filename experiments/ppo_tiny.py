@@ -16,7 +16,7 @@ import numpy as np
 
 from rlhf_jax import config as rcfg
 from rlhf_jax import parallel
-from rlhf_jax.data import lm_data, pipeline, synthetic
+from rlhf_jax.data import gold, lm_data, pipeline, synthetic
 from rlhf_jax.eval import ppo_monitor
 from rlhf_jax.model import gpt, heads
 from rlhf_jax.train import loop, ppo, rollout, stages, state as state_lib
@@ -36,6 +36,9 @@ def get_config():
   c.init_from = "runs/sft"     # policy + frozen reference
   c.rm_from = "runs/rm"        # reward model + value init
   c.ptx_from = ""              # pretraining workdir for the ptx data ("" = the SFT stage's init_from)
+  # "rm": InstructGPT. "gold": the gold labeler itself is the training reward -- an oracle ablation
+  # (the ceiling a perfect RM would give; not InstructGPT). The value function starts from the RM either way.
+  c.reward = "rm"
   c.n_prompts, c.n_eval_prompts, c.prompt_seed = 2000, 128, 1
   c.max_prompt_len = 64
   c.batch_size = 64            # prompts (rollouts) per PPO iteration
@@ -54,6 +57,14 @@ def get_sweep():
   """PPO vs PPO-ptx, and the KL coefficient (too little KL over-optimises the RM)."""
   return ([{"ppo.ptx_coef": g} for g in (0.0, 1.0)]
           + [{"ppo.init_kl_beta": b} for b in (0.0, 0.02, 0.1, 0.5)])
+
+
+def _score_fn(reward, rm_cfg, tok):
+  if reward == "rm":
+    return rollout.reward_model_score_fn(rm_cfg)
+  if reward == "gold":
+    return rollout.host_text_score_fn(lambda ps, rs: [gold.score(p, r) for p, r in zip(ps, rs)], tok)
+  raise ValueError(f"ppo_tiny.py: config key 'reward' must be 'rm' or 'gold', got {reward!r}")
 
 
 def train(config, workdir):
@@ -75,7 +86,7 @@ def train(config, workdir):
           "score": heads.param_axes(rm_cfg)}
   state, shardings = ppo.create_rl_state(sft_params, rm_params, sft_params, rm_params, policy_opt, value_opt,
                                          mesh, axes, jax.random.PRNGKey(config.seed), config.ppo.init_kl_beta)
-  rollout_fn = rollout.make_rollout_from_config(cfg, rm_cfg, cfg, rollout.reward_model_score_fn(rm_cfg), config.ppo,
+  rollout_fn = rollout.make_rollout_from_config(cfg, rm_cfg, cfg, _score_fn(config.reward, rm_cfg, tok), config.ppo,
                                                 eos_id=tok.eos_id, pad_id=tok.pad_id)
   step = state_lib.jit_step(ppo.make_rl_step(rollout_fn, cfg, rm_cfg, policy_opt, value_opt, config.ppo),
                             shardings, mesh)
@@ -94,7 +105,7 @@ def train(config, workdir):
                                 max_prompt_len=config.max_prompt_len, max_new_tokens=config.ppo.max_new_tokens,
                                 seed=config.seed)
   stages.write_stage(workdir, "ppo", cfg, init_from=config.init_from, rm_from=config.rm_from,
-                     ptx_coef=float(config.ppo.ptx_coef))
+                     ptx_coef=float(config.ppo.ptx_coef), reward=config.reward)
   loop_cfg = loop.LoopConfig.from_config(config.loop, name="ppo")
   state, last = loop.run(state, step, batches, loop_cfg, workdir,
                          eval_fn=lambda s: monitor(s["policy"]["params"]))

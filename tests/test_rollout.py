@@ -197,3 +197,27 @@ def test_make_rollout_from_config_reads_the_ppo_settings():
   del cfg["lam"]
   with pytest.raises(ValueError, match=r"ppo config lacks key\(s\) \['lam'\]"):
     rollout_lib.make_rollout_from_config(CFG, CFG, CFG, count_score, cfg, eos_id=EOS, pad_id=PAD)
+
+
+def test_host_text_score_fn_scores_decoded_text_inside_jit():
+  """The gold labeler as a reward: prompt and response are decoded on the host and scored by gold.py."""
+  from rlhf_jax.data import gold, pipeline, synthetic
+  from rlhf_jax.data import tokenizer as tok_lib
+  tok = tok_lib.train_bpe(synthetic.pretraining_corpus(300, seed=0), vocab_size=512)
+  tasks = [synthetic.make_task("upper", ["a", "b", "c"], {}), synthetic.make_task("add", ["3", "4"], {}),
+           synthetic.make_task("secret", [], {"name": "bob"})]
+  answers = ["A B C", "well it is 7", "I can't help with that."]
+  rows, masks, resp_masks = [], [], []
+  for task, answer in zip(tasks, answers):
+    p, pm = pipeline.encode_prompt_left_padded(tok, synthetic.task_messages(task, "Be brief."), 40)
+    r = tok.encode(answer) + [tok.eos_id]
+    r = r + [tok.pad_id] * (16 - len(r))
+    rm = [1] * (len(tok.encode(answer)) + 1) + [0] * (16 - len(tok.encode(answer)) - 1)
+    rows.append(np.concatenate([p, r])); masks.append(np.concatenate([pm, rm]))
+    resp_masks.append(np.concatenate([np.zeros_like(pm), rm]))
+  score_fn = rollout_lib.host_text_score_fn(lambda ps, rs: [gold.score(p, r) for p, r in zip(ps, rs)], tok)
+  got = jax.jit(lambda t, m, r: score_fn(None, t, m, r))(*(jnp.asarray(np.stack(x), jnp.int32)
+                                                            for x in (rows, masks, resp_masks)))
+  want = [gold.score(task, answer) for task, answer in zip(tasks, answers)]
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+  assert want[0] == 1.0 and want[2] == 1.0 and 0 < want[1] < 1

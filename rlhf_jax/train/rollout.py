@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax import sampling
 from rlhf_jax.losses import ppo as ppo_losses
@@ -69,6 +70,36 @@ def reward_model_score_fn(rm_config) -> ScoreFn:
   def score_fn(params, tokens, attention_mask, response_mask):
     del response_mask
     return heads.rewards(params, cfg, tokens, attention_mask)
+  return score_fn
+
+
+def host_text_score_fn(score_texts: Callable[[list[str], list[str]], Any], tok) -> ScoreFn:
+  """A score_fn that decodes prompt and response and scores them in Python on the host.
+
+  score_texts(prompts, responses) -> B floats; prompts are the decoded prompt tokens with their
+  special tokens (rendered chat text), responses the decoded response tokens up to (and without)
+  EOS. Runs through `jax.pure_callback`, so it works inside the jitted RL step; it is a host round
+  trip per rollout, meant for programmatic rewards such as the gold labeler (the oracle-reward
+  ablation), not for speed. score_params is ignored.
+  """
+  def host(tokens, attention_mask, response_mask):
+    tokens, attention_mask, response_mask = (np.asarray(x) for x in (tokens, attention_mask, response_mask))
+    prompts, responses = [], []
+    for t, m, r in zip(tokens, attention_mask, response_mask):
+      prompts.append(tok.decode(t[(m > 0) & (r == 0)].tolist(), skip_special=False))
+      resp = t[r > 0].tolist()
+      if tok.eos_id in resp:
+        resp = resp[:resp.index(tok.eos_id)]
+      responses.append(tok.decode(resp, skip_special=True))
+    out = np.asarray(score_texts(prompts, responses), np.float32)
+    if out.shape != (len(prompts),):
+      raise ValueError(f"{_WHERE}: score_texts returned shape {out.shape} for {len(prompts)} responses")
+    return out
+
+  def score_fn(params, tokens, attention_mask, response_mask):
+    del params
+    shape = jax.ShapeDtypeStruct((tokens.shape[0],), jnp.float32)
+    return jax.pure_callback(host, shape, tokens, attention_mask, response_mask)
   return score_fn
 
 
