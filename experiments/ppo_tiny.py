@@ -12,7 +12,6 @@ score (the gold labeler is used only here), KL to SFT, and held-out pretraining 
 """
 import jax
 import ml_collections as mlc
-import numpy as np
 
 from rlhf_jax import config as rcfg
 from rlhf_jax import parallel
