@@ -101,7 +101,7 @@ class HostBatches:
     return b
 
   def get_state(self):
-    return {"pos": self.pos}
+    return {"pos": self.pos, "host": jax.process_index()}   # differs per host, as real iterators do
 
   def set_state(self, state):
     self.pos = int(state["pos"])
@@ -131,8 +131,13 @@ def run_rm(mesh, workdir: str) -> dict:
                         name="rm")
   state, _ = loop.run(state, step, parallel.ShardedBatches(HostBatches(rm_batches(RM_STEPS)), mesh), cfg,
                       workdir, hooks=[lambda s, st, m: losses.append(m["loss"])])
+  # Every process must get its own iterator state back from the checkpoint.
+  from rlhf_jax.train import checkpoint
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  _, restored_data = ckpt.restore(rm_init_state(mesh)[0])
+  ckpt.close()
   return {"rm_losses": losses, "rm_params": to_host(state["params"]), "rm_step": int(state["step"]),
-          "global_batch_ok": bool(np.array_equal(seen, first["tokens"]))}
+          "global_batch_ok": bool(np.array_equal(seen, first["tokens"])), "restored_data_state": restored_data}
 
 
 def host_rows_tree(batch: dict) -> dict:

@@ -59,6 +59,8 @@ def test_two_processes_see_one_global_mesh_and_batch(jobs):
   assert all(r.returncode == 0 for r in results)
   # Every process computes the same (replicated) metrics.
   assert multi[0]["rm_losses"] == multi[1]["rm_losses"]
+  # Each host's own data-iterator state round-trips through the checkpoint (written by the primary).
+  assert [r["restored_data_state"] for r in multi] == [{"pos": 3, "host": 0}, {"pos": 3, "host": 1}]
   assert multi[0]["ppo_metrics"] == multi[1]["ppo_metrics"]
 
 
@@ -112,7 +114,7 @@ def test_two_process_checkpoint_restores_in_one_process(jobs):
   finally:
     ckpt.close()
   assert int(state["step"]) == 3
-  assert data_state == {"pos": 3}   # the loop saved the host iterator's position
+  assert data_state == {"pos": 3, "host": 0}   # 2 -> 1 process: process 0's iterator position
   restored = {jax.tree_util.keystr(p): np.asarray(v)
               for p, v in jax.tree_util.tree_flatten_with_path(state["params"])[0]}
   assert restored.keys() == multi_params.keys()

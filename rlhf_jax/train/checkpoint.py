@@ -2,12 +2,14 @@
 
 Each checkpoint step holds three items:
   state: the sharded train-state pytree (restored straight into its shardings),
-  data:  the input iterator's state (JSON), so a resumed run sees the exact next batch,
+  data:  every process's input-iterator state (JSON, gathered to the primary host, which writes
+         it), so a resumed run sees the exact next batch on every host,
   meta:  parameter shapes (JSON), checked before restoring so a checkpoint of
          another model shape fails with one clear error instead of deep in orbax.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -22,6 +24,33 @@ def _shapes(tree) -> dict[str, list[int]]:
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     out[jax.tree_util.keystr(path)] = list(np.shape(leaf))
   return out
+
+
+def _gather_data_states(data_state: Any) -> dict:
+  """{"num_processes": P, "per_process": [state of process 0, ..., P-1]} (a collective when P > 1)."""
+  if jax.process_count() == 1:
+    return {"num_processes": 1, "per_process": [data_state]}
+  from jax.experimental import multihost_utils
+  blob = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([blob.size], np.int32))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:blob.size] = blob
+  blobs = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+  return {"num_processes": len(sizes),
+          "per_process": [json.loads(bytes(blobs[i, :sizes[i]]).decode()) for i in range(len(sizes))]}
+
+
+def _local_data_state(saved: Any, where: str) -> Any:
+  """This process's iterator state from a saved `_gather_data_states` record."""
+  if not isinstance(saved, dict) or "per_process" not in saved:
+    return saved                      # written before per-process states were saved
+  states, n = saved["per_process"], jax.process_count()
+  if len(states) != n:
+    # Another host count shards the data differently: an exact resume is impossible.
+    logging.warning("%s was written by %d processes, this run has %d: every process resumes the data "
+                    "iterator of process 0", where, len(states), n)
+    return states[0]
+  return states[jax.process_index()]
 
 
 class Checkpointer:
@@ -39,7 +68,7 @@ class Checkpointer:
 
   def save(self, step: int, state, data_state: Any = None, force: bool = False) -> None:
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=ocp.args.JsonSave(data_state if data_state is not None else {}),
+                              data=ocp.args.JsonSave(_gather_data_states(data_state)),
                               meta=ocp.args.JsonSave({"shapes": _shapes(state)}))
     self.manager.save(int(step), args=args, force=force)
 
@@ -78,7 +107,7 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001
       raise ValueError(f"{where} is corrupt or unreadable: {type(e).__name__}: {e}") from e
     logging.info("restored %s", where)
-    return out["state"], out["data"]
+    return out["state"], _local_data_state(out["data"], where)
 
   def close(self) -> None:
     self.manager.wait_until_finished()
