@@ -22,8 +22,12 @@ from rlhf_jax.config import load_experiment
 HERE = Path(__file__).resolve().parent
 STAGE_FILES = {"pretrain": "pretrain_tiny.py", "pretrain_large": "pretrain_tiny.py", "sft": "sft_tiny.py",
                "rm": "rm_tiny.py", "ppo": "ppo_tiny.py", "ppo_ptx": "ppo_tiny.py"}
-# "smoke" is also passed down to every stage's own smoke preset.
-PRESETS = {"default": {}, "smoke": {"beta_sweep.betas": (0.0, 0.2), "eval.n_prompts": 24, "eval.max_new_tokens": 12}}
+# "smoke" is also passed down to every stage's own smoke preset. "imperfect_demos": half of the
+# benign demonstrations wrap the correct answer in polite filler, which the gold labeler scores
+# lower -- comparisons can then express a preference the demonstrations do not (InstructGPT's
+# premise); the gold labeler and the evaluation are unchanged.
+PRESETS = {"default": {}, "smoke": {"beta_sweep.betas": (0.0, 0.2), "eval.n_prompts": 24, "eval.max_new_tokens": 12},
+           "imperfect_demos": {"stages.sft.data.filler_rate": 0.5}}
 
 
 def _stage_config(name):
@@ -79,7 +83,7 @@ def _wire(config, workdir):
   join = lambda n: os.path.join(workdir, n)
   for name in STAGE_FILES:
     s[name].seed = config.seed
-    if config.preset != "default":
+    if config.preset == "smoke":
       s[name].preset = config.preset
   s.sft.init_from = join("pretrain")
   s.rm.init_from = join("sft")

@@ -29,7 +29,8 @@ def get_config():
   c.dropout = 0.0           # overrides the pretrained model's dropout for this stage
   # source: synthetic (built-in world) or a TFDS builder name (e.g. "oasst_rankings/sft",
   # "jsonl_demonstrations") read with builders.load(name, split, data_dir, manual_dir, data_files=...)
-  c.data = mlc.ConfigDict(dict(source="synthetic", n_train=2000, n_eval=256, seed=0, data_dir="",
+  # filler_rate (synthetic only): fraction of demonstrations wrapped in polite filler (imperfect labelers)
+  c.data = mlc.ConfigDict(dict(source="synthetic", n_train=2000, n_eval=256, seed=0, filler_rate=0.0, data_dir="",
                                manual_dir="", data_files="", train_split="train", eval_split="eval"))
   c.max_len = 96
   c.epochs = 4
@@ -46,7 +47,8 @@ def get_sweep():
 
 def load_records(data, split: str, n: int):
   if data.source == "synthetic":
-    return synthetic.demonstrations(n, data.seed, split="eval" if split == data.eval_split else "train")
+    return synthetic.demonstrations(n, data.seed, split="eval" if split == data.eval_split else "train",
+                                    filler_rate=data.get("filler_rate", 0.0))
   kwargs = {"data_files": data.data_files} if data.data_files else {}
   return builders.load(data.source, split, data.data_dir, manual_dir=data.manual_dir or None, **kwargs)
 

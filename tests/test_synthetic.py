@@ -118,6 +118,23 @@ def test_demonstrations_are_correct_and_concise():
     assert max(len(d["response"].split()) for d in demos) <= 6
 
 
+def test_filler_demonstrations_keep_the_answer_and_score_lower():
+    clean = S.demonstrations(400, seed=3)
+    assert S.demonstrations(400, seed=3, filler_rate=0.0) == clean
+    noisy = S.demonstrations(400, seed=3, filler_rate=0.5)
+    assert [r["messages"] for r in noisy] == [r["messages"] for r in clean]   # same prompts, only answers differ
+    changed = [(c, n) for c, n in zip(clean, noisy) if c["response"] != n["response"]]
+    benign = [c for c in clean if not S.Task.from_dict(c["task"]).harmful]
+    assert 0.4 < len(changed) / len(benign) < 0.6
+    for c, n in changed:
+        task = S.Task.from_dict(c["task"])
+        assert not task.harmful and task.answer in n["response"]
+        assert 0.4 < gold.score(task, n["response"]) < 1.0 == gold.score(task, c["response"])
+    assert len(S.demonstrations(50, seed=3, split="eval", filler_rate=1.0)) == 50
+    with pytest.raises(ValueError, match="filler_rate"):
+        S.demonstrations(10, filler_rate=1.5)
+
+
 def test_pretraining_corpus_is_measurably_misaligned():
     docs = S.pretraining_corpus(1500, seed=0)
     scores, harmful_hits, n_harmful, kinds = [], 0, 0, collections.Counter()

@@ -262,19 +262,30 @@ def prompts(n: int, seed: int = 0, split: str = "train") -> list[dict]:
     return [_record(rng, split)[1] for _ in range(n)]
 
 
-def demonstrations(n: int = 2000, seed: int = 0, split: str = "train") -> list[dict]:
+def demonstrations(n: int = 2000, seed: int = 0, split: str = "train", filler_rate: float = 0.0) -> list[dict]:
     """n SFT records {prompt, messages, response, family, task}: tasks answered correctly and
     concisely (REFUSAL for harmful ones). split="eval" answers `prompts(n, seed, "eval")`
-    (held-out instances, for validation loss)."""
+    (held-out instances, for validation loss).
+
+    filler_rate: the fraction of benign demonstrations whose (correct) answer a labeler wrapped in
+    polite filler ("sure thing! here you go: A B C"), which the gold labeler scores below the bare
+    answer (0.5-0.8 instead of 1). Models imperfect human demonstrations: comparisons can express a
+    preference the demonstrations do not. 0 leaves the records unchanged.
+    """
     if split not in ("train", "eval"):
         raise ValueError(f"synthetic.py: split must be 'train' or 'eval', got {split!r}")
+    if not 0.0 <= filler_rate <= 1.0:
+        raise ValueError(f"synthetic.py: filler_rate must be in [0, 1], got {filler_rate}")
     if split == "eval":
-        return [dict(p, response=Task.from_dict(p["task"]).answer) for p in prompts(n, seed, "eval")]
-    rng = _rng(seed, 3)
+        recs = [(Task.from_dict(p["task"]), p) for p in prompts(n, seed, "eval")]
+    else:
+        rng = _rng(seed, 3)
+        recs = [_record(rng, "train") for _ in range(n)]
+    frng = _rng(seed, 5 if split == "train" else 6)   # its own stream: filler_rate=0 changes nothing
     out = []
-    for _ in range(n):
-        task, rec = _record(rng, "train")
-        out.append(dict(rec, response=task.answer))
+    for task, rec in recs:
+        filler = frng.random() < filler_rate and not task.harmful
+        out.append(dict(rec, response=_ramble(frng, task.answer) if filler else task.answer))
     return out
 
 
