@@ -101,7 +101,7 @@ def train(config, workdir):
   for beta in config.beta_sweep.betas:
     sweep_cfg = config.stages.ppo.copy_and_resolve_references()
     sweep_cfg.ppo.init_kl_beta, sweep_cfg.ppo.kl_target = float(beta), 0.0
-    if config.preset == "default":
+    if config.preset != "smoke":   # the smoke preset keeps the PPO stage's own (smoke) step count
       sweep_cfg.loop.num_steps = config.beta_sweep.num_steps
     _run_stage(f"beta_{beta:g}", sweep_cfg, workdir, results)
   from rlhf_jax.eval import pipeline_report
