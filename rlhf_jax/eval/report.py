@@ -141,9 +141,11 @@ def _claim_ppo_beats_sft(summary, threshold: float) -> dict:
   extra = {k: bon[k] for k in ("gold_mean_sample", "gold_best_of_n_rm", "gold_best_of_n_oracle",
                                "onpolicy_pair_accuracy") if bon.get(k) is not None}
   reason = ""
-  if win <= threshold and extra.get("gold_best_of_n_rm", 1.0) <= extra.get("gold_mean_sample", 0.0) + 0.01:
-    reason = ("the RM cannot rank SFT's own samples: its best-of-n pick scores no better on gold than a "
-              "random sample, so there is no signal for PPO to follow")
+  if win <= threshold and len(extra) == 4:
+    # What bounds PPO's gain: how well the RM ranks the samples PPO starts from.
+    reason = (f"RM on SFT's own samples: its best-of-n pick scores {extra['gold_best_of_n_rm']:.3f} on gold vs "
+              f"{extra['gold_mean_sample']:.3f} for a random sample and {extra['gold_best_of_n_oracle']:.3f} for "
+              f"gold's pick; it orders {extra['onpolicy_pair_accuracy']:.1%} of gold-distinct sample pairs right")
   return _claim(text, win > threshold, reason=reason, win_rate_vs_sft_gold=win, threshold=threshold, **extra)
 
 
