@@ -308,3 +308,23 @@ def test_bad_inputs_raise():
   with pytest.raises(ValueError, match=r"axes lacks param_axes for \['score'\]"):
     ppo.create_rl_state(POLICY, POLICY, POLICY, {}, OPT, OPT, _mesh(), {k: v for k, v in AXES.items() if k != "score"},
                         jax.random.PRNGKey(0), 0.1)
+
+
+def test_value_warmup_freezes_the_policy_and_its_optimizer_only():
+  """value_warmup_iters=2: the first two iterations change the value model but not the policy (nor its
+  Adam state); the third updates the policy exactly as an unfrozen step from that state would."""
+  mesh = _mesh((1, 1, 1))
+  state = _state(mesh, 0.1)
+  _, shardings = ppo.create_rl_state(POLICY, heads.from_lm(POLICY, CFG, jax.random.PRNGKey(1)), POLICY,
+                                     {"w": jnp.float32(1)}, OPT, OPT, mesh, AXES, jax.random.PRNGKey(2), 0.1)
+  warm = state_lib.jit_step(_raw_step(value_warmup_iters=2), shardings, mesh, donate=False)
+  _, plain = _step()
+  batch = parallel.put_batch({**_prompts(), **_ptx()}, mesh)
+  s1, _ = warm(state, batch)
+  s2, _ = warm(s1, batch)
+  assert _max_diff(s2["policy"], state["policy"]) == 0.0          # params and optimizer state
+  assert _max_diff(s2["value"]["params"], state["value"]["params"]) > 0
+  s3, _ = warm(s2, batch)
+  s3_plain, _ = plain(jax.tree.map(jnp.copy, s2), batch)
+  assert _max_diff(s3["policy"]["params"], s2["policy"]["params"]) > 0
+  assert _max_diff(s3["policy"], s3_plain["policy"]) < 1e-6

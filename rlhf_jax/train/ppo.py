@@ -54,6 +54,9 @@ def default_config() -> mlc.ConfigDict:
       ptx_coef=0.0,            # InstructGPT's gamma; 0 = plain PPO
       init_kl_beta=0.15, kl_target=6.0, kl_horizon=10000.0,  # kl_target <= 0: fixed beta
       gamma=1.0, lam=0.95, whiten_advantages=True,
+      # Iterations that train only the value function (policy params and optimizer state are kept):
+      # the value head starts from the RM, whose per-position outputs are not yet values.
+      value_warmup_iters=0,
       # generation (make_rollout_from_config)
       max_new_tokens=24, temperature=0.7, top_k=0, top_p=1.0,
       no_eos_penalty=-1.0,     # score of a response that never emits EOS (None = keep the score)
@@ -182,6 +185,7 @@ def make_rl_step(rollout_fn, policy_cfg, value_cfg, policy_opt, value_opt, ppo_c
   epochs, n_mb = int(ppo_cfg.ppo_epochs), int(ppo_cfg.num_minibatches)
   ptx_coef = float(ppo_cfg.ptx_coef)
   whiten = bool(ppo_cfg.whiten_advantages)
+  value_warmup = int(ppo_cfg.get("value_warmup_iters", 0))
   kl_target, kl_horizon = float(ppo_cfg.kl_target), float(ppo_cfg.kl_horizon)
   policy_grad = jax.value_and_grad(
       _policy_loss_fn(p_cfg, spec.temperature, float(ppo_cfg.clip_eps), ptx_coef), has_aux=True)
@@ -226,6 +230,9 @@ def make_rl_step(rollout_fn, policy_cfg, value_cfg, policy_opt, value_opt, ppo_c
       return jax.lax.scan(minibatch, carry, (mbs, ptx_mbs))
 
     (pol, val), mets = jax.lax.scan(epoch, (state["policy"], state["value"]), jnp.arange(epochs))
+    if value_warmup > 0:
+      frozen = state["step"] < value_warmup
+      pol = jax.tree.map(lambda new, old: jnp.where(frozen, old, new), pol, state["policy"])
 
     stats = exp["stats"]
     new_beta = beta
