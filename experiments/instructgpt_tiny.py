@@ -2,6 +2,7 @@
 
   python -m rlhf_jax.main --config experiments/instructgpt_tiny.py --workdir runs/instructgpt
   python -m rlhf_jax.main --config experiments/instructgpt_tiny.py --workdir runs/smoke --config.preset=smoke
+  python -m rlhf_jax.main --config experiments/instructgpt_tiny.py --workdir runs/imperfect --config.preset=imperfect_demos
 
 Stages (each a sub-workdir, each through the shared loop with its own checkpoints; a re-run resumes
 at the stage and step where it stopped): pretrain (small) · pretrain_large (≥4x params, pretrained

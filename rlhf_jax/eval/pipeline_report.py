@@ -55,10 +55,9 @@ def evaluate_all(config, workdir: str, stage_results: dict) -> dict:
     models[name] = m
 
   comparisons = [json.loads(line) for line in open(join("rm/comparisons_eval.jsonl"))]
-  rm_acc = policy_eval.rm_pairwise_accuracy(rm_cfg, heads.shift_bias(rm_params, rm_info["reward_offset"]),
-                                            sft_tok, comparisons, max_len=max_len)
-  # Can this RM guide PPO at all? Best-of-n of SFT samples by the RM vs by gold (see rm_diagnostics).
   shifted_rm = heads.shift_bias(rm_params, rm_info["reward_offset"])
+  rm_acc = policy_eval.rm_pairwise_accuracy(rm_cfg, shifted_rm, sft_tok, comparisons, max_len=max_len)
+  # Can this RM guide PPO at all? Best-of-n of SFT samples by the RM vs by gold (see rm_diagnostics).
   bon = rm_diagnostics.best_of_n(sft_cfg, sft_params, sft_tok, rm_cfg, shifted_rm, prompts,
                                  jax.random.PRNGKey(int(config.seed) + 123), n=ev.best_of_n,
                                  temperature=ev.temperature, max_prompt_len=ev.max_prompt_len,
