@@ -10,13 +10,13 @@ scores held-out synthetic tasks with k = 0, 1, 4 same-family demonstrations in e
 format (rlhf_jax/eval/in_context.py): exact match of the greedy answer and multiple choice by
 log-likelihood. Writes in_context.json, in_context.png and prints a table.
 """
-import importlib.util
 import json
 import os
 
 import ml_collections as mlc
 
 from rlhf_jax import config as rcfg
+from rlhf_jax.config import load_experiment
 from rlhf_jax.eval import in_context
 from rlhf_jax.model import gpt
 from rlhf_jax.train import stages
@@ -45,34 +45,16 @@ def get_config():
   return c
 
 
-def _pretrain_module():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrain_tiny.py")
-  spec = importlib.util.spec_from_file_location("experiment_pretrain_tiny_for_in_context", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def pretrain_models(config, workdir) -> list[str]:
-  pretrain = _pretrain_module()
+  pretrain = load_experiment(os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrain_tiny.py"))
   dirs = []
-  for size in config.sizes.split(","):
-    try:
-      n_layer, d_model, n_head = (int(v) for v in size.split("x"))
-    except ValueError:
-      raise ValueError(f"config.sizes entry {size!r} is not 'n_layer x d_model x n_head'") from None
-    c = pretrain.get_config()
-    c.seed = config.seed
-    c.model = rcfg.model("nano", n_layer=n_layer, d_model=d_model, n_head=n_head, head_dim=0, d_ff=0,
-                         max_len=config.seq_len, dropout=0.0, vocab_size=512)
-    c.data.update(dict(n_docs=config.n_docs, seq_len=config.seq_len,
-                       tokenizer_dir=os.path.join(dirs[0], "tokenizer") if dirs else ""))   # one tokenizer for all sizes
-    c.batch_size = config.batch_size
-    c.optim = rcfg.optim(lr=config.lr, total_steps=config.pretrain_steps,
-                         warmup_steps=min(50, config.pretrain_steps // 5), weight_decay=0.1)
-    c.loop = rcfg.loop(num_steps=config.pretrain_steps, log_every=max(1, config.pretrain_steps // 5),
-                       ckpt_every=0, progress=False)
-    dirs.append(os.path.join(workdir, "models", size))
+  for size in pretrain.parse_sizes(config.sizes):
+    c = pretrain.member_config(
+        size, config.pretrain_steps, seed=config.seed, seq_len=config.seq_len, vocab_size=512,
+        batch_size=config.batch_size, lr=config.lr, warmup_steps=50, n_logs=5,
+        data=dict(n_docs=config.n_docs,   # one tokenizer for all sizes: the first model's
+                  tokenizer_dir=os.path.join(dirs[0], "tokenizer") if dirs else ""))
+    dirs.append(os.path.join(workdir, "models", "x".join(map(str, size))))
     pretrain.train(c, dirs[-1])
   return dirs
 

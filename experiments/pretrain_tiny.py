@@ -67,6 +67,38 @@ def train(config, workdir):
   return result
 
 
+def parse_sizes(text: str, min_count: int = 1, why: str = "") -> list[tuple[int, int, int]]:
+  """'2x64x4,4x128x4' -> [(n_layer, d_model, n_head), ...]; one ValueError for a malformed list."""
+  try:
+    sizes = [tuple(int(v) for v in s.split("x")) for s in text.split(",")]
+  except ValueError:
+    sizes = []
+  if len(sizes) < min_count or any(len(s) != 3 for s in sizes):
+    raise ValueError(f"config.sizes={text!r}: need >= {min_count} comma-separated 'n_layer x d_model x n_head' "
+                     f"entries{why}")
+  return sizes
+
+
+def member_config(size, steps: int, *, seed: int, seq_len: int, vocab_size: int, batch_size: int, lr: float,
+                  warmup_steps: int, data: dict, n_logs: int, progress: bool = False):
+  """This experiment's config for one member of a model family (in_context.py, scaling_law.py).
+
+  size: (n_layer, d_model, n_head) with context seq_len; `steps` steps of warmup + cosine at `lr`
+  (warmup at most a fifth of the run); `n_logs` log lines; no intermediate checkpoints; `data`
+  updates the data section (seq_len is set here).
+  """
+  n_layer, d_model, n_head = size
+  c = get_config()
+  c.seed = seed
+  c.model = rcfg.model("nano", n_layer=n_layer, d_model=d_model, n_head=n_head, head_dim=0, d_ff=0,
+                       max_len=seq_len, dropout=0.0, vocab_size=vocab_size)
+  c.data.update(dict(data, seq_len=seq_len))
+  c.batch_size = batch_size
+  c.optim = rcfg.optim(lr=lr, total_steps=steps, warmup_steps=min(warmup_steps, steps // 5), weight_decay=0.1)
+  c.loop = rcfg.loop(num_steps=steps, log_every=max(1, steps // n_logs), ckpt_every=0, progress=progress)
+  return c
+
+
 def unigram_entropy(rows) -> float:
   counts = np.bincount(rows[:, 1:].ravel())
   p = counts[counts > 0] / counts.sum()

@@ -16,7 +16,6 @@ power-law-like in compute). On the synthetic world's corpus (data.source=synthet
 family goes from "nothing learned" to its entropy floor (random task inputs) within ~1 decade of
 compute, which no small run reveals: the prediction misses by ~20% there.
 """
-import importlib.util
 import json
 import math
 import os
@@ -26,6 +25,7 @@ from pathlib import Path
 import ml_collections as mlc
 
 from rlhf_jax import config as rcfg
+from rlhf_jax.config import load_experiment
 from rlhf_jax.data import lm_data
 from rlhf_jax.eval import scaling
 
@@ -61,43 +61,23 @@ def get_config():
 
 def load_pretrain():
   """experiments/pretrain_tiny.py as a module (not via rlhf_jax.main: it would redefine its flags)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrain_tiny.py")
-  spec = importlib.util.spec_from_file_location("experiment_pretrain_tiny_for_scaling", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def parse_sizes(text: str) -> list[tuple[int, int, int]]:
-  try:
-    sizes = [tuple(int(v) for v in s.split("x")) for s in text.split(",")]
-  except ValueError:
-    sizes = []
-  if len(sizes) < 4 or any(len(s) != 3 for s in sizes):
-    raise ValueError(f"config.sizes={text!r}: need >= 4 comma-separated 'n_layer x d_model x n_head' entries "
-                     "(3 to fit, 1 to predict)")
-  return sizes
+  return load_experiment(os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrain_tiny.py"))
 
 
 def run_config(config, pretrain, size, steps: int, tokenizer_dir: str):
   """The pretraining experiment's config for one family member."""
-  n_layer, d_model, n_head = size
-  c = pretrain.get_config()
-  c.seed = config.seed
-  c.model = rcfg.model("nano", n_layer=n_layer, d_model=d_model, n_head=n_head, head_dim=0, d_ff=0,
-                       max_len=config.seq_len, dropout=0.0, vocab_size=config.data.vocab_size)
-  c.data.update(dict(config.data.to_dict(), tokenizer_dir=tokenizer_dir, seq_len=config.seq_len))
-  c.batch_size, c.eval_batches = config.batch_size, config.eval_batches
-  c.optim = rcfg.optim(lr=config.lr, total_steps=steps, warmup_steps=min(config.warmup_steps, steps // 5),
-                       weight_decay=0.1)
-  c.loop = rcfg.loop(num_steps=steps, log_every=max(1, steps // 4), ckpt_every=0, progress=config.progress)
+  c = pretrain.member_config(size, steps, seed=config.seed, seq_len=config.seq_len,
+                             vocab_size=config.data.vocab_size, batch_size=config.batch_size, lr=config.lr,
+                             warmup_steps=config.warmup_steps, n_logs=4, progress=config.progress,
+                             data=dict(config.data.to_dict(), tokenizer_dir=tokenizer_dir))
+  c.eval_batches = config.eval_batches
   return c
 
 
 def train(config, workdir):
   config = rcfg.apply_preset(config, PRESETS)
-  sizes = parse_sizes(config.sizes)
   pretrain = load_pretrain()
+  sizes = pretrain.parse_sizes(config.sizes, min_count=4, why=" (3 to fit, 1 to predict)")
   # One tokenizer for the whole family (trained once on the shared corpus).
   data = mlc.ConfigDict(dict(config.data.to_dict(), tokenizer_dir=""))
   train_docs, _ = lm_data.split_documents(lm_data.load_documents(data), data.val_fraction)

@@ -90,6 +90,8 @@ def test_experiment_predicts_the_largest_run_before_training_it(tmp_path, monkey
   class FakePretrain:
     """Stands in for pretrain_tiny: final loss = A * C**B + C0 of the run's own compute."""
     get_config = staticmethod(real.get_config)
+    parse_sizes = staticmethod(real.parse_sizes)
+    member_config = staticmethod(real.member_config)
 
     @staticmethod
     def train(config, workdir):
