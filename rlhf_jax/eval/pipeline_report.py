@@ -33,7 +33,6 @@ def evaluate_all(config, workdir: str, stage_results: dict) -> dict:
   pre_info = stages.read_stage(join("pretrain"))
   data_cfg = mlc.ConfigDict(pre_info["data"])
   _, _, val_rows = lm_data.prepare_lm_data(data_cfg, data_cfg.seq_len, join("pretrain"))
-  _, sft_cfg, sft_tok, sft_params = stages.load_stage(join("sft"))
 
   loaded, responses = {}, {}
   rng = jax.random.PRNGKey(int(config.seed) + 99)
@@ -42,6 +41,7 @@ def evaluate_all(config, workdir: str, stage_results: dict) -> dict:
     loaded[name] = (cfg, tok, params)
     responses[name] = policy_eval.sample_policy(cfg, params, tok, prompts, rng, settings)
     print(f"sampled {name}: {responses[name][:3]}")
+  sft_cfg, sft_tok, sft_params = loaded["sft"]
 
   models = {}
   for name, (cfg, tok, params) in loaded.items():
