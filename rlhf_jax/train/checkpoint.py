@@ -27,17 +27,16 @@ def _shapes(tree) -> dict[str, list[int]]:
 
 
 def _gather_data_states(data_state: Any) -> dict:
-  """{"num_processes": P, "per_process": [state of process 0, ..., P-1]} (a collective when P > 1)."""
+  """{"per_process": [state of process 0, ..., P-1]} (a collective when P > 1)."""
   if jax.process_count() == 1:
-    return {"num_processes": 1, "per_process": [data_state]}
+    return {"per_process": [data_state]}
   from jax.experimental import multihost_utils
   blob = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
   sizes = np.asarray(multihost_utils.process_allgather(np.array([blob.size], np.int32))).reshape(-1)
   padded = np.zeros(int(sizes.max()), np.uint8)
   padded[:blob.size] = blob
   blobs = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
-  return {"num_processes": len(sizes),
-          "per_process": [json.loads(bytes(blobs[i, :sizes[i]]).decode()) for i in range(len(sizes))]}
+  return {"per_process": [json.loads(bytes(blobs[i, :sizes[i]]).decode()) for i in range(len(sizes))]}
 
 
 def _local_data_state(saved: Any, where: str) -> Any:
