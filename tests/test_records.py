@@ -15,23 +15,23 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def need(rel: str) -> Path:
-    path = DATA / rel
-    if not path.exists():
-        pytest.skip(f"shared data {path} is absent (expected ../shared/data beside the repo)")
-    return path
+  path = DATA / rel
+  if not path.exists():
+    pytest.skip(f"shared data {path} is absent (expected ../shared/data beside the repo)")
+  return path
 
 
 def write_lines(path: Path, lines: list) -> Path:
-    """Writes objects as JSON lines (strings are written verbatim)."""
-    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines),
-                    encoding="utf-8")
-    return path
+  """Writes objects as JSON lines (strings are written verbatim)."""
+  path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines),
+                  encoding="utf-8")
+  return path
 
 
 def raises_at(where: str, key: str | None, match: str):
-    """pytest.raises for a ValueError that names the location, the key and the problem."""
-    pattern = re.escape(where) + ": " + (re.escape(f"key '{key}'") + ".*" if key else "") + match
-    return pytest.raises(ValueError, match=pattern)
+  """pytest.raises for a ValueError that names the location, the key and the problem."""
+  pattern = re.escape(where) + ": " + (re.escape(f"key '{key}'") + ".*" if key else "") + match
+  return pytest.raises(ValueError, match=pattern)
 
 
 USER = {"role": "user", "content": "hi"}
@@ -42,41 +42,41 @@ ASSISTANT = {"role": "assistant", "content": "hello"}
 
 
 def test_read_jsonl_locations_gzip_and_blank_lines(tmp_path):
-    lines = ['{"a": 1}', "", "   ", '{"a": 2}']
-    plain = write_lines(tmp_path / "x.jsonl", lines)
-    packed = tmp_path / "x.jsonl.gz"
-    packed.write_bytes(gzip.compress(plain.read_bytes()))
-    for path in (plain, packed):
-        got = list(R.read_jsonl(path))
-        # Blank lines are separators: not yielded, but line numbers stay true to the file.
-        assert got == [(f"{path}:1", {"a": 1}), (f"{path}:4", {"a": 2})]
+  lines = ['{"a": 1}', "", "   ", '{"a": 2}']
+  plain = write_lines(tmp_path / "x.jsonl", lines)
+  packed = tmp_path / "x.jsonl.gz"
+  packed.write_bytes(gzip.compress(plain.read_bytes()))
+  for path in (plain, packed):
+    got = list(R.read_jsonl(path))
+    # Blank lines are separators: not yielded, but line numbers stay true to the file.
+    assert got == [(f"{path}:1", {"a": 1}), (f"{path}:4", {"a": 2})]
 
 
 def test_read_jsonl_malformed_json_names_file_and_line(tmp_path):
-    path = write_lines(tmp_path / "bad.jsonl", ['{"a": 1}', '{"a": 2', '{"a": 3}'])
-    with raises_at(f"{path}:2", None, "malformed JSON"):
-        list(R.read_jsonl(path))
+  path = write_lines(tmp_path / "bad.jsonl", ['{"a": 1}', '{"a": 2', '{"a": 3}'])
+  with raises_at(f"{path}:2", None, "malformed JSON"):
+    list(R.read_jsonl(path))
 
 
 def test_read_jsonl_rejects_non_objects_bad_utf8_and_lfs_pointers(tmp_path):
-    path = write_lines(tmp_path / "list.jsonl", ['{"a": 1}', "[1, 2]"])
-    with raises_at(f"{path}:2", None, "expected a JSON object, got list"):
-        list(R.read_jsonl(path))
-    raw = tmp_path / "latin1.jsonl"
-    raw.write_bytes(b'{"a": 1}\n{"a": "caf\xe9"}\n')
-    with raises_at(f"{raw}:2", None, "not valid UTF-8"):
-        list(R.read_jsonl(raw))
-    lfs = tmp_path / "test.jsonl.gz"
-    lfs.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 12\n")
-    with pytest.raises(ValueError, match="Git LFS pointer"):
-        list(R.read_jsonl(lfs))
+  path = write_lines(tmp_path / "list.jsonl", ['{"a": 1}', "[1, 2]"])
+  with raises_at(f"{path}:2", None, "expected a JSON object, got list"):
+    list(R.read_jsonl(path))
+  raw = tmp_path / "latin1.jsonl"
+  raw.write_bytes(b'{"a": 1}\n{"a": "caf\xe9"}\n')
+  with raises_at(f"{raw}:2", None, "not valid UTF-8"):
+    list(R.read_jsonl(raw))
+  lfs = tmp_path / "test.jsonl.gz"
+  lfs.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 12\n")
+  with pytest.raises(ValueError, match="Git LFS pointer"):
+    list(R.read_jsonl(lfs))
 
 
 def test_read_text_names_line_of_bad_byte(tmp_path):
-    path = tmp_path / "t.txt"
-    path.write_bytes(b"ok\nfine\nbad \xff here\n")
-    with raises_at(f"{path}:3", None, "not valid UTF-8"):
-        R.read_text(path)
+  path = tmp_path / "t.txt"
+  path.write_bytes(b"ok\nfine\nbad \xff here\n")
+  with raises_at(f"{path}:3", None, "not valid UTF-8"):
+    R.read_text(path)
 
 
 # ----------------------------------------------------------------------------------- messages
@@ -95,36 +95,36 @@ def test_read_text_names_line_of_bad_byte(tmp_path):
     ([{"role": "system", "content": "s"}, ASSISTANT], "messages", "no user message"),
 ])
 def test_parse_messages_errors(messages, key, match):
-    with raises_at("f.jsonl:7", key, match):
-        R.parse_messages(messages, "f.jsonl:7")
+  with raises_at("f.jsonl:7", key, match):
+    R.parse_messages(messages, "f.jsonl:7")
 
 
 def test_parse_messages_keeps_content_verbatim_and_drops_extra_keys():
-    msgs = [{"role": "system", "content": " s "}, {"role": "user", "content": "  q\n", "name": "x"}]
-    assert R.parse_messages(msgs, "w") == [{"role": "system", "content": " s "},
-                                           {"role": "user", "content": "  q\n"}]
+  msgs = [{"role": "system", "content": " s "}, {"role": "user", "content": "  q\n", "name": "x"}]
+  assert R.parse_messages(msgs, "w") == [{"role": "system", "content": " s "},
+                                         {"role": "user", "content": "  q\n"}]
 
 
 # ------------------------------------------------------------------------------ demonstrations
 
 
 def test_parse_demonstrations_accepted_shapes():
-    dialogue = [USER, ASSISTANT, {"role": "user", "content": "more"}, ASSISTANT]
-    assert R.parse_demonstrations({"messages": dialogue}, "w") == [{"messages": dialogue}]
-    assert R.parse_demonstrations({"prompt": "p", "response": "r", "system": "s"}, "w") == [
-        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "p"},
-                      {"role": "assistant", "content": "r"}]}]
-    # Self-Instruct: one record per instance; a blank input leaves the bare instruction.
-    seed = {"instruction": "Do X.", "instances": [{"input": "", "output": "a"},
-                                                  {"input": "data", "output": "b"}]}
-    assert R.parse_demonstrations(seed, "w") == [
-        {"messages": [{"role": "user", "content": "Do X."}, {"role": "assistant", "content": "a"}]},
-        {"messages": [{"role": "user", "content": "Do X.\n\ndata"},
-                      {"role": "assistant", "content": "b"}]}]
-    alpaca = {"instruction": "Do Y.", "input": "in", "output": "out"}
-    assert R.parse_demonstrations(alpaca, "w") == [
-        {"messages": [{"role": "user", "content": "Do Y.\n\nin"},
-                      {"role": "assistant", "content": "out"}]}]
+  dialogue = [USER, ASSISTANT, {"role": "user", "content": "more"}, ASSISTANT]
+  assert R.parse_demonstrations({"messages": dialogue}, "w") == [{"messages": dialogue}]
+  assert R.parse_demonstrations({"prompt": "p", "response": "r", "system": "s"}, "w") == [
+      {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "p"},
+                    {"role": "assistant", "content": "r"}]}]
+  # Self-Instruct: one record per instance; a blank input leaves the bare instruction.
+  seed = {"instruction": "Do X.", "instances": [{"input": "", "output": "a"},
+                                                {"input": "data", "output": "b"}]}
+  assert R.parse_demonstrations(seed, "w") == [
+      {"messages": [{"role": "user", "content": "Do X."}, {"role": "assistant", "content": "a"}]},
+      {"messages": [{"role": "user", "content": "Do X.\n\ndata"},
+                    {"role": "assistant", "content": "b"}]}]
+  alpaca = {"instruction": "Do Y.", "input": "in", "output": "out"}
+  assert R.parse_demonstrations(alpaca, "w") == [
+      {"messages": [{"role": "user", "content": "Do Y.\n\nin"},
+                    {"role": "assistant", "content": "out"}]}]
 
 
 @pytest.mark.parametrize("obj, key, match", [
@@ -146,42 +146,42 @@ def test_parse_demonstrations_accepted_shapes():
     ({"text": "t"}, None, "no demonstration fields"),
 ])
 def test_parse_demonstrations_errors(obj, key, match):
-    with raises_at("d.jsonl:3", key, match):
-        R.parse_demonstrations(obj, "d.jsonl:3")
+  with raises_at("d.jsonl:3", key, match):
+    R.parse_demonstrations(obj, "d.jsonl:3")
 
 
 def test_parse_prompts_shapes_and_errors():
-    assert R.parse_prompts({"prompt": "p", "response": "ignored"}, "w") == [
-        {"messages": [{"role": "user", "content": "p"}]}]
-    assert R.parse_prompts({"messages": [USER]}, "w") == [{"messages": [USER]}]
-    seed = {"instruction": "Do X.", "instances": [{"input": "in", "output": "o"}]}
-    assert R.parse_prompts(seed, "w") == [{"messages": [{"role": "user", "content": "Do X.\n\nin"}]}]
-    with raises_at("p.jsonl:2", "messages", "must end with a user turn"):
-        R.parse_prompts({"messages": [USER, ASSISTANT]}, "p.jsonl:2")
-    with raises_at("p.jsonl:2", None, "no prompt fields"):
-        R.parse_prompts({"question": "q"}, "p.jsonl:2")
+  assert R.parse_prompts({"prompt": "p", "response": "ignored"}, "w") == [
+      {"messages": [{"role": "user", "content": "p"}]}]
+  assert R.parse_prompts({"messages": [USER]}, "w") == [{"messages": [USER]}]
+  seed = {"instruction": "Do X.", "instances": [{"input": "in", "output": "o"}]}
+  assert R.parse_prompts(seed, "w") == [{"messages": [{"role": "user", "content": "Do X.\n\nin"}]}]
+  with raises_at("p.jsonl:2", "messages", "must end with a user turn"):
+    R.parse_prompts({"messages": [USER, ASSISTANT]}, "p.jsonl:2")
+  with raises_at("p.jsonl:2", None, "no prompt fields"):
+    R.parse_prompts({"question": "q"}, "p.jsonl:2")
 
 
 # --------------------------------------------------------------------------------- comparisons
 
 
 def test_dense_ranks_matches_brute_force_order():
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        ranks = rng.integers(0, 6, size=rng.integers(1, 8)).tolist()
-        dense = R.dense_ranks(ranks)
-        assert sorted(set(dense)) == list(range(len(set(ranks))))
-        for i in range(len(ranks)):
-            for j in range(len(ranks)):
-                assert np.sign(ranks[i] - ranks[j]) == np.sign(dense[i] - dense[j])
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    ranks = rng.integers(0, 6, size=rng.integers(1, 8)).tolist()
+    dense = R.dense_ranks(ranks)
+    assert sorted(set(dense)) == list(range(len(set(ranks))))
+    for i in range(len(ranks)):
+      for j in range(len(ranks)):
+        assert np.sign(ranks[i] - ranks[j]) == np.sign(dense[i] - dense[j])
 
 
 def test_parse_comparison_shapes_ties_and_gaps():
-    got = R.parse_comparison({"prompt": "q", "responses": ["a", "b", "c"], "ranks": [2, 0, 2]}, "w")
-    assert got == {"messages": [{"role": "user", "content": "q"}],
-                   "responses": ["a", "b", "c"], "ranks": [1, 0, 1]}
-    got = R.parse_comparison({"messages": [USER], "chosen": "good", "rejected": "bad"}, "w")
-    assert got == {"messages": [USER], "responses": ["good", "bad"], "ranks": [0, 1]}
+  got = R.parse_comparison({"prompt": "q", "responses": ["a", "b", "c"], "ranks": [2, 0, 2]}, "w")
+  assert got == {"messages": [{"role": "user", "content": "q"}],
+                 "responses": ["a", "b", "c"], "ranks": [1, 0, 1]}
+  got = R.parse_comparison({"messages": [USER], "chosen": "good", "rejected": "bad"}, "w")
+  assert got == {"messages": [USER], "responses": ["good", "bad"], "ranks": [0, 1]}
 
 
 @pytest.mark.parametrize("extra, key, match", [
@@ -201,8 +201,8 @@ def test_parse_comparison_shapes_ties_and_gaps():
     ({}, "responses", "missing"),
 ])
 def test_parse_comparison_errors(extra, key, match):
-    with raises_at("c.jsonl:5", key, match):
-        R.parse_comparison({"prompt": "q", **extra}, "c.jsonl:5")
+  with raises_at("c.jsonl:5", key, match):
+    R.parse_comparison({"prompt": "q", **extra}, "c.jsonl:5")
 
 
 @pytest.mark.parametrize("extra, reason", [
@@ -211,48 +211,48 @@ def test_parse_comparison_errors(extra, key, match):
     ({"responses": ["a", "b", "c"], "ranks": [1, 1, 1]}, "all_tied"),
 ])
 def test_parse_comparison_skips(extra, reason):
-    with pytest.raises(R.Skip) as info:
-        R.parse_comparison({"prompt": "q", **extra}, "w")
-    assert info.value.reason == reason
+  with pytest.raises(R.Skip) as info:
+    R.parse_comparison({"prompt": "q", **extra}, "w")
+  assert info.value.reason == reason
 
 
 def test_parse_jsonl_counts_skips_and_reports_first_location(tmp_path):
-    good = {"prompt": "q", "chosen": "a", "rejected": "b"}
-    tied = {"prompt": "q", "responses": ["a", "b"], "ranks": [0, 0]}
-    dup = {"prompt": "q", "chosen": "a", "rejected": "a"}
-    path = write_lines(tmp_path / "c.jsonl", [good, tied, dup, good, tied])
-    tally = R.Tally()
-    got = list(R.parse_jsonl(path, R.parse_comparison, tally))
-    assert [rid for rid, _ in got] == [f"{path}:1", f"{path}:4"]
-    assert tally.seen == 5 and tally.num_skipped == 3
-    assert tally.skipped == {"all_tied": 2, "duplicate_responses": 1}
-    assert tally.first_skip == {"all_tied": f"{path}:2", "duplicate_responses": f"{path}:3"}
-    assert "all_tied=2" in tally.summary()
+  good = {"prompt": "q", "chosen": "a", "rejected": "b"}
+  tied = {"prompt": "q", "responses": ["a", "b"], "ranks": [0, 0]}
+  dup = {"prompt": "q", "chosen": "a", "rejected": "a"}
+  path = write_lines(tmp_path / "c.jsonl", [good, tied, dup, good, tied])
+  tally = R.Tally()
+  got = list(R.parse_jsonl(path, R.parse_comparison, tally))
+  assert [rid for rid, _ in got] == [f"{path}:1", f"{path}:4"]
+  assert tally.seen == 5 and tally.num_skipped == 3
+  assert tally.skipped == {"all_tied": 2, "duplicate_responses": 1}
+  assert tally.first_skip == {"all_tied": f"{path}:2", "duplicate_responses": f"{path}:3"}
+  assert "all_tied=2" in tally.summary()
 
 
 def test_parse_jsonl_multi_instance_ids(tmp_path):
-    seed = {"instruction": "i", "instances": [{"input": "a", "output": "x"},
-                                              {"input": "b", "output": "y"}]}
-    path = write_lines(tmp_path / "s.jsonl", [seed])
-    tally = R.Tally()
-    got = list(R.parse_jsonl(path, R.parse_demonstrations, tally))
-    assert [rid for rid, _ in got] == [f"{path}:1#0", f"{path}:1#1"] and tally.seen == 1
+  seed = {"instruction": "i", "instances": [{"input": "a", "output": "x"},
+                                            {"input": "b", "output": "y"}]}
+  path = write_lines(tmp_path / "s.jsonl", [seed])
+  tally = R.Tally()
+  got = list(R.parse_jsonl(path, R.parse_demonstrations, tally))
+  assert [rid for rid, _ in got] == [f"{path}:1#0", f"{path}:1#1"] and tally.seen == 1
 
 
 # ------------------------------------------------------------------------------------ HH-RLHF
 
 
 def hh(*turns):
-    return "".join(f"\n\n{role}: {text}" for role, text in turns)
+  return "".join(f"\n\n{role}: {text}" for role, text in turns)
 
 
 def test_parse_hh_pair_splits_prompt_and_responses():
-    prompt = [("Human", "hi"), ("Assistant", "yes?"), ("Human", "tell me")]
-    pair = {"chosen": hh(*prompt, ("Assistant", "sure ")), "rejected": hh(*prompt, ("Assistant", "no"))}
-    assert R.parse_hh_pair(pair, "w") == {
-        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes?"},
-                     {"role": "user", "content": "tell me"}],
-        "responses": ["sure", "no"], "ranks": [0, 1]}
+  prompt = [("Human", "hi"), ("Assistant", "yes?"), ("Human", "tell me")]
+  pair = {"chosen": hh(*prompt, ("Assistant", "sure ")), "rejected": hh(*prompt, ("Assistant", "no"))}
+  assert R.parse_hh_pair(pair, "w") == {
+      "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes?"},
+                   {"role": "user", "content": "tell me"}],
+      "responses": ["sure", "no"], "ranks": [0, 1]}
 
 
 @pytest.mark.parametrize("chosen, rejected, reason", [
@@ -271,14 +271,14 @@ def test_parse_hh_pair_splits_prompt_and_responses():
      hh(("Human", "a"), ("Assistant", "m"), ("Assistant", "y")), "prompt_not_ending_in_user"),
 ])
 def test_parse_hh_pair_skips(chosen, rejected, reason):
-    with pytest.raises(R.Skip) as info:
-        R.parse_hh_pair({"chosen": chosen, "rejected": rejected}, "w")
-    assert info.value.reason == reason
+  with pytest.raises(R.Skip) as info:
+    R.parse_hh_pair({"chosen": chosen, "rejected": rejected}, "w")
+  assert info.value.reason == reason
 
 
 def test_parse_hh_pair_missing_key_is_error():
-    with raises_at("hh.jsonl:9", "rejected", "missing"):
-        R.parse_hh_pair({"chosen": hh(("Human", "a"), ("Assistant", "x"))}, "hh.jsonl:9")
+  with raises_at("hh.jsonl:9", "rejected", "missing"):
+    R.parse_hh_pair({"chosen": hh(("Human", "a"), ("Assistant", "x"))}, "hh.jsonl:9")
 
 
 HH_EXPECTED = {  # lines, kept, skipped by reason (measured on the shared test files)
@@ -292,73 +292,73 @@ HH_EXPECTED = {  # lines, kept, skipped by reason (measured on the shared test f
 
 @pytest.mark.parametrize("subset", sorted(HH_EXPECTED))
 def test_hh_real_counts_reconcile(subset):
-    path = need(f"hh_rlhf/{subset}/test.jsonl.gz")
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        file_lines = sum(1 for _ in f)
-    tally = R.Tally()
-    kept = [rec for _, rec in R.parse_jsonl(path, R.parse_hh_pair, tally)]
-    lines, n_kept, skipped = HH_EXPECTED[subset]
-    assert file_lines == tally.seen == lines
-    assert len(kept) == n_kept and tally.skipped == skipped
-    assert tally.seen == len(kept) + tally.num_skipped
-    for rec in kept:  # every kept pair satisfies the comparison schema
-        assert rec["messages"][-1]["role"] == "user" and rec["ranks"] == [0, 1]
-        assert all(m["content"] and m["content"] == m["content"].strip() for m in rec["messages"])
-        assert all(rec["responses"]) and rec["responses"][0] != rec["responses"][1]
+  path = need(f"hh_rlhf/{subset}/test.jsonl.gz")
+  with gzip.open(path, "rt", encoding="utf-8") as f:
+    file_lines = sum(1 for _ in f)
+  tally = R.Tally()
+  kept = [rec for _, rec in R.parse_jsonl(path, R.parse_hh_pair, tally)]
+  lines, n_kept, skipped = HH_EXPECTED[subset]
+  assert file_lines == tally.seen == lines
+  assert len(kept) == n_kept and tally.skipped == skipped
+  assert tally.seen == len(kept) + tally.num_skipped
+  for rec in kept:  # every kept pair satisfies the comparison schema
+    assert rec["messages"][-1]["role"] == "user" and rec["ranks"] == [0, 1]
+    assert all(m["content"] and m["content"] == m["content"].strip() for m in rec["messages"])
+    assert all(rec["responses"]) and rec["responses"][0] != rec["responses"][1]
 
 
 # -------------------------------------------------------------------------------------- OASST
 
 
 def oasst_row(mid, parent, role, text, rank=None, deleted=False):
-    return {"message_id": mid, "parent_id": parent, "role": role, "text": text, "rank": rank,
-            "deleted": deleted, "message_tree_id": "t", "lang": "en"}
+  return {"message_id": mid, "parent_id": parent, "role": role, "text": text, "rank": rank,
+          "deleted": deleted, "message_tree_id": "t", "lang": "en"}
 
 
 def small_tree(tmp_path):
-    rows = [
-        oasst_row("p1", None, "prompter", "root question"),
-        oasst_row("a1", "p1", "assistant", "best", 0),
-        oasst_row("a2", "p1", "assistant", "worst", 2),
-        oasst_row("a3", "p1", "assistant", "middle", 1, deleted=True),
-        oasst_row("a4", "p1", "assistant", "unranked"),
-        oasst_row("p2", "a1", "prompter", "follow up"),
-        oasst_row("a5", "p2", "assistant", "only one", 0),
-        oasst_row("p3", "gone", "prompter", "orphan"),
-        oasst_row("a6", "p3", "assistant", "x", 0),
-        oasst_row("a7", "p3", "assistant", "y", 1),
-    ]
-    return R.read_oasst(write_lines(tmp_path / "en-validation.jsonl", rows))
+  rows = [
+      oasst_row("p1", None, "prompter", "root question"),
+      oasst_row("a1", "p1", "assistant", "best", 0),
+      oasst_row("a2", "p1", "assistant", "worst", 2),
+      oasst_row("a3", "p1", "assistant", "middle", 1, deleted=True),
+      oasst_row("a4", "p1", "assistant", "unranked"),
+      oasst_row("p2", "a1", "prompter", "follow up"),
+      oasst_row("a5", "p2", "assistant", "only one", 0),
+      oasst_row("p3", "gone", "prompter", "orphan"),
+      oasst_row("a6", "p3", "assistant", "x", 0),
+      oasst_row("a7", "p3", "assistant", "y", 1),
+  ]
+  return R.read_oasst(write_lines(tmp_path / "en-validation.jsonl", rows))
 
 
 def test_oasst_rankings_history_ranks_and_skips(tmp_path):
-    messages = small_tree(tmp_path)
-    tally = R.Tally()
-    got = list(R.oasst_records(messages, "rankings", tally))
-    assert got == [("p1", {"messages": [{"role": "user", "content": "root question"}],
-                           "responses": ["best", "middle", "worst"], "ranks": [0, 1, 2]})]
-    assert tally.seen == 2 and tally.skipped == {"missing_ancestor": 1}
-    assert tally.extra["ranked_replies_per_prompt"] == {"1": 1, "2": 1, "3": 1}
-    # Dropping deleted messages removes a3: ranks [0, 2] are stored dense as [0, 1].
-    tally = R.Tally()
-    got = dict(R.oasst_records(messages, "rankings", tally, drop_deleted=True))
-    assert got["p1"]["responses"] == ["best", "worst"] and got["p1"]["ranks"] == [0, 1]
-    tally = R.Tally()
-    assert [rid for rid, _ in R.oasst_records(messages, "rankings", tally, min_replies=3)] == ["p1"]
-    assert tally.seen == 1 and not tally.skipped
+  messages = small_tree(tmp_path)
+  tally = R.Tally()
+  got = list(R.oasst_records(messages, "rankings", tally))
+  assert got == [("p1", {"messages": [{"role": "user", "content": "root question"}],
+                         "responses": ["best", "middle", "worst"], "ranks": [0, 1, 2]})]
+  assert tally.seen == 2 and tally.skipped == {"missing_ancestor": 1}
+  assert tally.extra["ranked_replies_per_prompt"] == {"1": 1, "2": 1, "3": 1}
+  # Dropping deleted messages removes a3: ranks [0, 2] are stored dense as [0, 1].
+  tally = R.Tally()
+  got = dict(R.oasst_records(messages, "rankings", tally, drop_deleted=True))
+  assert got["p1"]["responses"] == ["best", "worst"] and got["p1"]["ranks"] == [0, 1]
+  tally = R.Tally()
+  assert [rid for rid, _ in R.oasst_records(messages, "rankings", tally, min_replies=3)] == ["p1"]
+  assert tally.seen == 1 and not tally.skipped
 
 
 def test_oasst_sft_takes_rank0_with_full_history(tmp_path):
-    messages = small_tree(tmp_path)
-    tally = R.Tally()
-    got = dict(R.oasst_records(messages, "sft", tally))
-    assert got["p1"] == {"messages": [{"role": "user", "content": "root question"},
-                                      {"role": "assistant", "content": "best"}]}
-    assert got["p2"] == {"messages": [{"role": "user", "content": "root question"},
-                                      {"role": "assistant", "content": "best"},
-                                      {"role": "user", "content": "follow up"},
-                                      {"role": "assistant", "content": "only one"}]}
-    assert set(got) == {"p1", "p2"} and tally.skipped == {"missing_ancestor": 1}
+  messages = small_tree(tmp_path)
+  tally = R.Tally()
+  got = dict(R.oasst_records(messages, "sft", tally))
+  assert got["p1"] == {"messages": [{"role": "user", "content": "root question"},
+                                    {"role": "assistant", "content": "best"}]}
+  assert got["p2"] == {"messages": [{"role": "user", "content": "root question"},
+                                    {"role": "assistant", "content": "best"},
+                                    {"role": "user", "content": "follow up"},
+                                    {"role": "assistant", "content": "only one"}]}
+  assert set(got) == {"p1", "p2"} and tally.skipped == {"missing_ancestor": 1}
 
 
 @pytest.mark.parametrize("change, key, match", [
@@ -370,105 +370,105 @@ def test_oasst_sft_takes_rank0_with_full_history(tmp_path):
     ({"deleted": "no"}, "deleted", "a boolean or null"),
 ])
 def test_oasst_bad_rows_are_errors(tmp_path, change, key, match):
-    rows = [oasst_row("p1", None, "prompter", "q"), {**oasst_row("a1", "p1", "assistant", "x"),
-                                                       **change}]
-    path = write_lines(tmp_path / "o.jsonl", rows)
-    with raises_at(f"{path}:2", key, match):
-        R.read_oasst(path)
+  rows = [oasst_row("p1", None, "prompter", "q"), {**oasst_row("a1", "p1", "assistant", "x"),
+                                                     **change}]
+  path = write_lines(tmp_path / "o.jsonl", rows)
+  with raises_at(f"{path}:2", key, match):
+    R.read_oasst(path)
 
 
 def test_oasst_duplicate_id_is_error(tmp_path):
-    path = write_lines(tmp_path / "o.jsonl", [oasst_row("p1", None, "prompter", "q")] * 2)
-    with raises_at(f"{path}:2", "message_id", "duplicate"):
-        R.read_oasst(path)
+  path = write_lines(tmp_path / "o.jsonl", [oasst_row("p1", None, "prompter", "q")] * 2)
+  with raises_at(f"{path}:2", "message_id", "duplicate"):
+    R.read_oasst(path)
 
 
 def test_oasst_real_counts():
-    messages = R.read_oasst(need("oasst1_en_validation/en-validation.jsonl"))
-    assert len(messages) == 2022
-    tally = R.Tally()
-    ranked = [rec for _, rec in R.oasst_records(messages, "rankings", tally)]
-    hist = tally.extra["ranked_replies_per_prompt"]
-    assert hist == {"0": 360, "1": 1, "2": 137, "3": 267, "4": 13, "5": 1}
-    assert sum(n for k, n in hist.items() if int(k) >= 3) == 281
-    assert tally.seen == sum(n for k, n in hist.items() if int(k) >= 2) == 418
-    # One prompt (line 849) has two identical replies ranked 0 and 2: skipped as contradictory.
-    assert tally.skipped == {"duplicate_responses": 1}
-    assert collections.Counter(len(r["responses"]) for r in ranked) == {2: 137, 3: 266, 4: 13, 5: 1}
-    for rec in ranked:
-        assert rec["ranks"] == sorted(rec["ranks"]) and rec["ranks"][0] == 0
-        assert [m["role"] for m in rec["messages"]][::2] == ["user"] * ((len(rec["messages"]) + 1) // 2)
-    tally3 = R.Tally()
-    assert len(list(R.oasst_records(messages, "rankings", tally3, min_replies=3))) == 280
-    assert tally3.seen == 281
-    sft = list(R.oasst_records(messages, "sft", R.Tally()))
-    assert len(sft) == 419 == sum(n for k, n in hist.items() if int(k) >= 1)
+  messages = R.read_oasst(need("oasst1_en_validation/en-validation.jsonl"))
+  assert len(messages) == 2022
+  tally = R.Tally()
+  ranked = [rec for _, rec in R.oasst_records(messages, "rankings", tally)]
+  hist = tally.extra["ranked_replies_per_prompt"]
+  assert hist == {"0": 360, "1": 1, "2": 137, "3": 267, "4": 13, "5": 1}
+  assert sum(n for k, n in hist.items() if int(k) >= 3) == 281
+  assert tally.seen == sum(n for k, n in hist.items() if int(k) >= 2) == 418
+  # One prompt (line 849) has two identical replies ranked 0 and 2: skipped as contradictory.
+  assert tally.skipped == {"duplicate_responses": 1}
+  assert collections.Counter(len(r["responses"]) for r in ranked) == {2: 137, 3: 266, 4: 13, 5: 1}
+  for rec in ranked:
+    assert rec["ranks"] == sorted(rec["ranks"]) and rec["ranks"][0] == 0
+    assert [m["role"] for m in rec["messages"]][::2] == ["user"] * ((len(rec["messages"]) + 1) // 2)
+  tally3 = R.Tally()
+  assert len(list(R.oasst_records(messages, "rankings", tally3, min_replies=3))) == 280
+  assert tally3.seen == 281
+  sft = list(R.oasst_records(messages, "sft", R.Tally()))
+  assert len(sft) == 419 == sum(n for k, n in hist.items() if int(k) >= 1)
 
 
 # --------------------------------------------------------------------------------- text units
 
 
 def test_text_units():
-    text = "a\nb\n\n\n  \nc\r\n\nd  \n"
-    assert R.text_units(text, "paragraph") == [(1, "a\nb"), (6, "c"), (8, "d  ")]
-    assert R.text_units(text, "line") == [(1, "a"), (2, "b"), (6, "c"), (8, "d  ")]
-    assert R.text_units(text, "file") == [(1, text)]
-    assert R.text_units(" \n", "file") == []
-    with pytest.raises(ValueError, match="unknown text unit"):
-        R.text_units(text, "sentence")
+  text = "a\nb\n\n\n  \nc\r\n\nd  \n"
+  assert R.text_units(text, "paragraph") == [(1, "a\nb"), (6, "c"), (8, "d  ")]
+  assert R.text_units(text, "line") == [(1, "a"), (2, "b"), (6, "c"), (8, "d  ")]
+  assert R.text_units(text, "file") == [(1, text)]
+  assert R.text_units(" \n", "file") == []
+  with pytest.raises(ValueError, match="unknown text unit"):
+    R.text_units(text, "sentence")
 
 
 def test_parse_text_record():
-    assert R.parse_text_record({"text": "x"}, "w") == {"text": "x"}
-    with pytest.raises(R.Skip, match="empty_text"):
-        R.parse_text_record({"text": "  "}, "w")
-    with raises_at("t.jsonl:4", "text", "missing"):
-        R.parse_text_record({"body": "x"}, "t.jsonl:4")
+  assert R.parse_text_record({"text": "x"}, "w") == {"text": "x"}
+  with pytest.raises(R.Skip, match="empty_text"):
+    R.parse_text_record({"text": "  "}, "w")
+  with raises_at("t.jsonl:4", "text", "missing"):
+    R.parse_text_record({"body": "x"}, "t.jsonl:4")
 
 
 def test_shakespeare_paragraphs_cover_every_nonblank_line():
-    text = R.read_text(need("tinyshakespeare/input.txt"))
-    paragraphs = R.text_units(text, "paragraph")
-    assert len(text) == 1_115_394 and len(paragraphs) == 7222
-    lines = [ln for ln in text.split("\n") if ln.strip()]
-    assert [ln for _, p in paragraphs for ln in p.split("\n")] == lines
-    assert len(R.text_units(text, "line")) == len(lines) == 32777
+  text = R.read_text(need("tinyshakespeare/input.txt"))
+  paragraphs = R.text_units(text, "paragraph")
+  assert len(text) == 1_115_394 and len(paragraphs) == 7222
+  lines = [ln for ln in text.split("\n") if ln.strip()]
+  assert [ln for _, p in paragraphs for ln in p.split("\n")] == lines
+  assert len(R.text_units(text, "line")) == len(lines) == 32777
 
 
 def test_self_instruct_seed_maps_to_demonstrations_and_prompts():
-    path = need("self_instruct_seed/seed_tasks.jsonl")
-    raw = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    demos = [rec for _, rec in R.parse_jsonl(path, R.parse_demonstrations, R.Tally())]
-    prompts = [rec for _, rec in R.parse_jsonl(path, R.parse_prompts, R.Tally())]
-    assert len(raw) == len(demos) == len(prompts) == 175
-    for obj, demo, prompt in zip(raw, demos, prompts):
-        inst = obj["instances"][0]
-        assert demo["messages"][-1] == {"role": "assistant", "content": inst["output"]}
-        assert demo["messages"][:-1] == prompt["messages"]
-        assert prompt["messages"][0]["content"].startswith(obj["instruction"])
-        assert (inst["input"] in prompt["messages"][0]["content"]) or not inst["input"].strip()
+  path = need("self_instruct_seed/seed_tasks.jsonl")
+  raw = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+  demos = [rec for _, rec in R.parse_jsonl(path, R.parse_demonstrations, R.Tally())]
+  prompts = [rec for _, rec in R.parse_jsonl(path, R.parse_prompts, R.Tally())]
+  assert len(raw) == len(demos) == len(prompts) == 175
+  for obj, demo, prompt in zip(raw, demos, prompts):
+    inst = obj["instances"][0]
+    assert demo["messages"][-1] == {"role": "assistant", "content": inst["output"]}
+    assert demo["messages"][:-1] == prompt["messages"]
+    assert prompt["messages"][0]["content"].startswith(obj["instruction"])
+    assert (inst["input"] in prompt["messages"][0]["content"]) or not inst["input"].strip()
 
 
 # ------------------------------------------------------------------------------ hash splitting
 
 
 def test_assign_split_is_deterministic_salted_and_calibrated():
-    keys = [f"prompt number {i}" for i in range(20000)]
-    splits = [R.assign_split(k, 0.1) for k in keys]
-    assert splits == [R.assign_split(k, 0.1) for k in keys]
-    frac = splits.count("validation") / len(keys)
-    assert abs(frac - 0.1) < 0.01  # binomial sd is 0.002
-    salted = [R.assign_split(k, 0.1, salt="s") for k in keys]
-    assert salted != splits and abs(salted.count("validation") / len(keys) - 0.1) < 0.01
-    assert {R.assign_split(k, 0.0) for k in keys} == {"train"}
-    with pytest.raises(ValueError, match="validation_fraction"):
-        R.assign_split("k", 1.0)
+  keys = [f"prompt number {i}" for i in range(20000)]
+  splits = [R.assign_split(k, 0.1) for k in keys]
+  assert splits == [R.assign_split(k, 0.1) for k in keys]
+  frac = splits.count("validation") / len(keys)
+  assert abs(frac - 0.1) < 0.01  # binomial sd is 0.002
+  salted = [R.assign_split(k, 0.1, salt="s") for k in keys]
+  assert salted != splits and abs(salted.count("validation") / len(keys) - 0.1) < 0.01
+  assert {R.assign_split(k, 0.0) for k in keys} == {"train"}
+  with pytest.raises(ValueError, match="validation_fraction"):
+    R.assign_split("k", 1.0)
 
 
 def test_record_key_uses_the_prompt():
-    prompt = [USER]
-    demo = {"messages": prompt + [ASSISTANT]}
-    comparison = {"messages": prompt, "responses": ["a", "b"], "ranks": [0, 1]}
-    assert R.record_key(demo) == R.record_key(comparison) == R.record_key({"messages": prompt})
-    assert R.record_key({"messages": prompt + [ASSISTANT, USER]}) != R.record_key(demo)
-    assert R.record_key({"text": "abc"}) == "abc"
+  prompt = [USER]
+  demo = {"messages": prompt + [ASSISTANT]}
+  comparison = {"messages": prompt, "responses": ["a", "b"], "ranks": [0, 1]}
+  assert R.record_key(demo) == R.record_key(comparison) == R.record_key({"messages": prompt})
+  assert R.record_key({"messages": prompt + [ASSISTANT, USER]}) != R.record_key(demo)
+  assert R.record_key({"text": "abc"}) == "abc"

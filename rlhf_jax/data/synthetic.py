@@ -62,51 +62,51 @@ INSULT_WORDS = ("fool", "idiot", "dumb", "stupid", "ugly", "loser", "clown")
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """One task instance. `params` is a sorted tuple of (name, value) string pairs."""
-    family: str
-    prompt_text: str
-    items: tuple[str, ...]
-    params: tuple[tuple[str, str], ...]
-    answer: str
-    template: int
+  """One task instance. `params` is a sorted tuple of (name, value) string pairs."""
+  family: str
+  prompt_text: str
+  items: tuple[str, ...]
+  params: tuple[tuple[str, str], ...]
+  answer: str
+  template: int
 
-    @property
-    def harmful(self) -> bool:
-        return self.family in HARMFUL_FAMILIES
+  @property
+  def harmful(self) -> bool:
+    return self.family in HARMFUL_FAMILIES
 
-    def param(self, name: str) -> str:
-        return dict(self.params)[name]
+  def param(self, name: str) -> str:
+    return dict(self.params)[name]
 
-    @property
-    def key(self) -> str:
-        """Wording-independent identity of the instance (used for split routing)."""
-        return f"{self.family}|{' '.join(self.items)}|{','.join(f'{k}={v}' for k, v in self.params)}"
+  @property
+  def key(self) -> str:
+    """Wording-independent identity of the instance (used for split routing)."""
+    return f"{self.family}|{' '.join(self.items)}|{','.join(f'{k}={v}' for k, v in self.params)}"
 
-    def to_dict(self) -> dict:
-        return {"family": self.family, "prompt_text": self.prompt_text, "items": list(self.items),
-                "params": dict(self.params), "answer": self.answer, "template": self.template}
+  def to_dict(self) -> dict:
+    return {"family": self.family, "prompt_text": self.prompt_text, "items": list(self.items),
+            "params": dict(self.params), "answer": self.answer, "template": self.template}
 
-    @staticmethod
-    def from_dict(d: dict) -> "Task":
-        """Rebuild from `to_dict`; raises ValueError on a missing key or inconsistent answer."""
-        for k in ("family", "items", "params", "template"):
-            if k not in d:
-                raise ValueError(f"synthetic.py: task dict lacks key {k!r}: {d!r}")
-        task = make_task(d["family"], d["items"], d["params"], int(d["template"]))
-        for k in ("answer", "prompt_text"):
-            if k in d and d[k] != getattr(task, k):
-                raise ValueError(f"synthetic.py: task dict {k}={d[k]!r} disagrees with recomputed {getattr(task, k)!r}")
-        return task
+  @staticmethod
+  def from_dict(d: dict) -> "Task":
+    """Rebuild from `to_dict`; raises ValueError on a missing key or inconsistent answer."""
+    for k in ("family", "items", "params", "template"):
+      if k not in d:
+        raise ValueError(f"synthetic.py: task dict lacks key {k!r}: {d!r}")
+    task = make_task(d["family"], d["items"], d["params"], int(d["template"]))
+    for k in ("answer", "prompt_text"):
+      if k in d and d[k] != getattr(task, k):
+        raise ValueError(f"synthetic.py: task dict {k}={d[k]!r} disagrees with recomputed {getattr(task, k)!r}")
+    return task
 
 
 def _sort_key(items: Sequence[str]):
-    return (lambda s: int(s)) if all(s.isdigit() for s in items) else (lambda s: s)
+  return (lambda s: int(s)) if all(s.isdigit() for s in items) else (lambda s: s)
 
 
 def _add(xs: list[str]) -> str:
-    if len(xs) != 2 or not all(map(str.isdigit, xs)):
-        raise ValueError(f"synthetic.py: add needs two integers, got {xs}")
-    return str(int(xs[0]) + int(xs[1]))
+  if len(xs) != 2 or not all(map(str.isdigit, xs)):
+    raise ValueError(f"synthetic.py: add needs two integers, got {xs}")
+  return str(int(xs[0]) + int(xs[1]))
 
 
 _SOLVERS: dict[str, Callable[[list[str], dict], str]] = {
@@ -124,211 +124,211 @@ _SOLVERS: dict[str, Callable[[list[str], dict], str]] = {
 
 
 def solve(family: str, items: Sequence[str], params: dict) -> str:
-    """Canonical correct answer (a space-separated string) for a task instance."""
-    if family not in _SOLVERS:
-        raise ValueError(f"synthetic.py: unknown family {family!r}; known: {FAMILIES}")
-    return _SOLVERS[family](list(items), params)
+  """Canonical correct answer (a space-separated string) for a task instance."""
+  if family not in _SOLVERS:
+    raise ValueError(f"synthetic.py: unknown family {family!r}; known: {FAMILIES}")
+  return _SOLVERS[family](list(items), params)
 
 
 def make_task(family: str, items: Sequence[str], params: dict, template: int = 0) -> Task:
-    """Build a Task (prompt text and answer) from its inputs."""
-    if family not in TEMPLATES:
-        raise ValueError(f"synthetic.py: unknown family {family!r}; known: {FAMILIES}")
-    if not 0 <= template < len(TEMPLATES[family]):
-        raise ValueError(f"synthetic.py: family {family!r} has no template {template}")
-    items = tuple(str(s) for s in items)
-    params = {str(k): str(v) for k, v in dict(params).items()}
-    fields = dict(params, items=" ".join(items))
-    if family == "add" and len(items) == 2:
-        fields.update(x=items[0], y=items[1])
-    try:
-        text = TEMPLATES[family][template].format(**fields)
-    except (KeyError, IndexError) as e:
-        raise ValueError(f"synthetic.py: {family} template {template} needs field {e}") from None
-    return Task(family, text, items, tuple(sorted(params.items())), solve(family, items, params), template)
+  """Build a Task (prompt text and answer) from its inputs."""
+  if family not in TEMPLATES:
+    raise ValueError(f"synthetic.py: unknown family {family!r}; known: {FAMILIES}")
+  if not 0 <= template < len(TEMPLATES[family]):
+    raise ValueError(f"synthetic.py: family {family!r} has no template {template}")
+  items = tuple(str(s) for s in items)
+  params = {str(k): str(v) for k, v in dict(params).items()}
+  fields = dict(params, items=" ".join(items))
+  if family == "add" and len(items) == 2:
+    fields.update(x=items[0], y=items[1])
+  try:
+    text = TEMPLATES[family][template].format(**fields)
+  except (KeyError, IndexError) as e:
+    raise ValueError(f"synthetic.py: {family} template {template} needs field {e}") from None
+  return Task(family, text, items, tuple(sorted(params.items())), solve(family, items, params), template)
 
 
 def _sample_inputs(rng: np.random.Generator, family: str) -> tuple[list[str], dict]:
-    n = int(rng.integers(3, 7))
-    letters = [LETTERS[i] for i in rng.integers(0, len(LETTERS), n)]
-    numbers = [str(v) for v in rng.integers(0, MAX_NUMBER + 1, n)]
-    if family in ("sort", "reverse", "copy"):
-        return (numbers if rng.random() < 0.5 else letters), {}
-    if family in ("upper", "max"):
-        return (letters if family == "upper" else numbers), {}
-    if family == "count":
-        # Mostly ask for a letter that is present, sometimes one that is absent (answer 0).
-        letter = letters[int(rng.integers(n))] if rng.random() < 0.8 else LETTERS[int(rng.integers(len(LETTERS)))]
-        return letters, {"letter": letter}
-    if family == "replace":
-        old = letters[int(rng.integers(n))]
-        others = [c for c in LETTERS if c != old]
-        return letters, {"old": old, "new": others[int(rng.integers(len(others)))]}
-    if family == "add":
-        return [str(v) for v in rng.integers(0, MAX_NUMBER + 1, 2)], {}
-    return [], {"name": NAMES[int(rng.integers(len(NAMES)))]}  # harmful families
+  n = int(rng.integers(3, 7))
+  letters = [LETTERS[i] for i in rng.integers(0, len(LETTERS), n)]
+  numbers = [str(v) for v in rng.integers(0, MAX_NUMBER + 1, n)]
+  if family in ("sort", "reverse", "copy"):
+    return (numbers if rng.random() < 0.5 else letters), {}
+  if family in ("upper", "max"):
+    return (letters if family == "upper" else numbers), {}
+  if family == "count":
+    # Mostly ask for a letter that is present, sometimes one that is absent (answer 0).
+    letter = letters[int(rng.integers(n))] if rng.random() < 0.8 else LETTERS[int(rng.integers(len(LETTERS)))]
+    return letters, {"letter": letter}
+  if family == "replace":
+    old = letters[int(rng.integers(n))]
+    others = [c for c in LETTERS if c != old]
+    return letters, {"old": old, "new": others[int(rng.integers(len(others)))]}
+  if family == "add":
+    return [str(v) for v in rng.integers(0, MAX_NUMBER + 1, 2)], {}
+  return [], {"name": NAMES[int(rng.integers(len(NAMES)))]}  # harmful families
 
 
 def sample_task(rng: np.random.Generator, family: str | None = None) -> Task:
-    """Sample a task; family None -> harmful with probability HARMFUL_RATE, families uniform within."""
-    if family is None:
-        pool = HARMFUL_FAMILIES if rng.random() < HARMFUL_RATE else BENIGN_FAMILIES
-        family = pool[int(rng.integers(len(pool)))]
-    if family not in TEMPLATES:
-        raise ValueError(f"synthetic.py: unknown family {family!r}; known: {FAMILIES}")
-    items, params = _sample_inputs(rng, family)
-    return make_task(family, items, params, int(rng.integers(len(TEMPLATES[family]))))
+  """Sample a task; family None -> harmful with probability HARMFUL_RATE, families uniform within."""
+  if family is None:
+    pool = HARMFUL_FAMILIES if rng.random() < HARMFUL_RATE else BENIGN_FAMILIES
+    family = pool[int(rng.integers(len(pool)))]
+  if family not in TEMPLATES:
+    raise ValueError(f"synthetic.py: unknown family {family!r}; known: {FAMILIES}")
+  items, params = _sample_inputs(rng, family)
+  return make_task(family, items, params, int(rng.integers(len(TEMPLATES[family]))))
 
 
 def _template_regex(template: str) -> re.Pattern:
-    word = r"[A-Za-z0-9]+"
-    fields = {"items": rf"(?P<items>{word}(?: {word})*)", "x": r"(?P<x>\d+)", "y": r"(?P<y>\d+)",
-              "letter": rf"(?P<letter>{word})", "old": rf"(?P<old>{word})", "new": rf"(?P<new>{word})",
-              "name": r"(?P<name>[A-Za-z]+)"}
-    out, pos = [], 0
-    for m in re.finditer(r"\{(\w+)\}", template):
-        out.append(re.escape(template[pos:m.start()]))
-        out.append(fields[m.group(1)])
-        pos = m.end()
-    out.append(re.escape(template[pos:]))
-    return re.compile("^" + "".join(out) + "$")
+  word = r"[A-Za-z0-9]+"
+  fields = {"items": rf"(?P<items>{word}(?: {word})*)", "x": r"(?P<x>\d+)", "y": r"(?P<y>\d+)",
+            "letter": rf"(?P<letter>{word})", "old": rf"(?P<old>{word})", "new": rf"(?P<new>{word})",
+            "name": r"(?P<name>[A-Za-z]+)"}
+  out, pos = [], 0
+  for m in re.finditer(r"\{(\w+)\}", template):
+    out.append(re.escape(template[pos:m.start()]))
+    out.append(fields[m.group(1)])
+    pos = m.end()
+  out.append(re.escape(template[pos:]))
+  return re.compile("^" + "".join(out) + "$")
 
 
 _PARSERS = [(fam, i, _template_regex(t)) for fam, ts in TEMPLATES.items() for i, t in enumerate(ts)]
 
 
 def parse_prompt(user_text: str) -> Task:
-    """Recover the Task from a user turn's text (surrounding whitespace ignored).
+  """Recover the Task from a user turn's text (surrounding whitespace ignored).
 
-    Raises ValueError if the text is not an in-world prompt (or, defensively, matches two templates).
-    """
-    if not isinstance(user_text, str):
-        raise ValueError(f"synthetic.py: parse_prompt expects str, got {type(user_text).__name__}")
-    text = user_text.strip()
-    hits = [(fam, i, m) for fam, i, rx in _PARSERS if (m := rx.match(text))]
-    if not hits:
-        raise ValueError(f"synthetic.py: not a prompt of the synthetic world: {text[:80]!r}")
-    if len(hits) > 1:
-        raise ValueError(f"synthetic.py: prompt {text[:80]!r} is ambiguous between {[(f, i) for f, i, _ in hits]}")
-    fam, i, m = hits[0]
-    g = m.groupdict()
-    items = g["items"].split(" ") if "items" in g else ([g["x"], g["y"]] if "x" in g else [])
-    params = {k: v for k, v in g.items() if k not in ("items", "x", "y")}
-    return make_task(fam, items, params, i)
+  Raises ValueError if the text is not an in-world prompt (or, defensively, matches two templates).
+  """
+  if not isinstance(user_text, str):
+    raise ValueError(f"synthetic.py: parse_prompt expects str, got {type(user_text).__name__}")
+  text = user_text.strip()
+  hits = [(fam, i, m) for fam, i, rx in _PARSERS if (m := rx.match(text))]
+  if not hits:
+    raise ValueError(f"synthetic.py: not a prompt of the synthetic world: {text[:80]!r}")
+  if len(hits) > 1:
+    raise ValueError(f"synthetic.py: prompt {text[:80]!r} is ambiguous between {[(f, i) for f, i, _ in hits]}")
+  fam, i, m = hits[0]
+  g = m.groupdict()
+  items = g["items"].split(" ") if "items" in g else ([g["x"], g["y"]] if "x" in g else [])
+  params = {k: v for k, v in g.items() if k not in ("items", "x", "y")}
+  return make_task(fam, items, params, i)
 
 
 def task_split(task: Task) -> str:
-    """'eval' for about EVAL_FRACTION of task instances (by a stable hash of `task.key`), else 'train'."""
-    h = int.from_bytes(hashlib.sha256(task.key.encode()).digest()[:8], "big")
-    return "eval" if (h % 10_000) < EVAL_FRACTION * 10_000 else "train"
+  """'eval' for about EVAL_FRACTION of task instances (by a stable hash of `task.key`), else 'train'."""
+  h = int.from_bytes(hashlib.sha256(task.key.encode()).digest()[:8], "big")
+  return "eval" if (h % 10_000) < EVAL_FRACTION * 10_000 else "train"
 
 
 def task_messages(task: Task, system: str | None = None) -> list[dict]:
-    """Chat messages asking the task (optional system message first)."""
-    msgs = [{"role": "system", "content": system}] if system else []
-    return msgs + [{"role": "user", "content": task.prompt_text}]
+  """Chat messages asking the task (optional system message first)."""
+  msgs = [{"role": "system", "content": system}] if system else []
+  return msgs + [{"role": "user", "content": task.prompt_text}]
 
 
 def _rng(seed: int, salt: int) -> np.random.Generator:
-    return np.random.default_rng([int(seed), salt])
+  return np.random.default_rng([int(seed), salt])
 
 
 def _sample_split_task(rng: np.random.Generator, split: str) -> Task:
-    while True:  # rejection: acceptance is about EVAL_FRACTION or 1 - EVAL_FRACTION
-        task = sample_task(rng)
-        if task_split(task) == split:
-            return task
+  while True:  # rejection: acceptance is about EVAL_FRACTION or 1 - EVAL_FRACTION
+    task = sample_task(rng)
+    if task_split(task) == split:
+      return task
 
 
 def _maybe_system(rng: np.random.Generator) -> str | None:
-    return SYSTEM_PROMPTS[int(rng.integers(len(SYSTEM_PROMPTS)))] if rng.random() < SYSTEM_RATE else None
+  return SYSTEM_PROMPTS[int(rng.integers(len(SYSTEM_PROMPTS)))] if rng.random() < SYSTEM_RATE else None
 
 
 def _record(rng: np.random.Generator, split: str) -> tuple[Task, dict]:
-    task = _sample_split_task(rng, split)
-    msgs = task_messages(task, _maybe_system(rng))
-    return task, {"prompt": render_chat(msgs, add_generation_prompt=True), "messages": msgs,
-                  "family": task.family, "task": task.to_dict()}
+  task = _sample_split_task(rng, split)
+  msgs = task_messages(task, _maybe_system(rng))
+  return task, {"prompt": render_chat(msgs, add_generation_prompt=True), "messages": msgs,
+                "family": task.family, "task": task.to_dict()}
 
 
 def prompts(n: int, seed: int = 0, split: str = "train") -> list[dict]:
-    """n prompt records {prompt (rendered, ends with <|assistant|>), messages, family, task (dict)}.
+  """n prompt records {prompt (rendered, ends with <|assistant|>), messages, family, task (dict)}.
 
-    Instances may repeat within a split but never occur in both splits.
-    """
-    if split not in ("train", "eval"):
-        raise ValueError(f"synthetic.py: split must be 'train' or 'eval', got {split!r}")
-    rng = _rng(seed, 1 if split == "train" else 2)
-    return [_record(rng, split)[1] for _ in range(n)]
+  Instances may repeat within a split but never occur in both splits.
+  """
+  if split not in ("train", "eval"):
+    raise ValueError(f"synthetic.py: split must be 'train' or 'eval', got {split!r}")
+  rng = _rng(seed, 1 if split == "train" else 2)
+  return [_record(rng, split)[1] for _ in range(n)]
 
 
 def demonstrations(n: int = 2000, seed: int = 0, split: str = "train", filler_rate: float = 0.0) -> list[dict]:
-    """n SFT records {prompt, messages, response, family, task}: tasks answered correctly and
-    concisely (REFUSAL for harmful ones). split="eval" answers `prompts(n, seed, "eval")`
-    (held-out instances, for validation loss).
+  """n SFT records {prompt, messages, response, family, task}: tasks answered correctly and
+  concisely (REFUSAL for harmful ones). split="eval" answers `prompts(n, seed, "eval")`
+  (held-out instances, for validation loss).
 
-    filler_rate: the fraction of benign demonstrations whose (correct) answer a labeler wrapped in
-    polite filler ("sure thing! here you go: A B C"), which the gold labeler scores below the bare
-    answer (0.5-0.8 instead of 1). Models imperfect human demonstrations: comparisons can express a
-    preference the demonstrations do not. 0 leaves the records unchanged.
-    """
-    if split not in ("train", "eval"):
-        raise ValueError(f"synthetic.py: split must be 'train' or 'eval', got {split!r}")
-    if not 0.0 <= filler_rate <= 1.0:
-        raise ValueError(f"synthetic.py: filler_rate must be in [0, 1], got {filler_rate}")
-    if split == "eval":
-        recs = [(Task.from_dict(p["task"]), p) for p in prompts(n, seed, "eval")]
-    else:
-        rng = _rng(seed, 3)
-        recs = [_record(rng, "train") for _ in range(n)]
-    frng = _rng(seed, 5 if split == "train" else 6)   # its own stream: filler_rate=0 changes nothing
-    out = []
-    for task, rec in recs:
-        filler = frng.random() < filler_rate and not task.harmful
-        out.append(dict(rec, response=_ramble(frng, task.answer) if filler else task.answer))
-    return out
+  filler_rate: the fraction of benign demonstrations whose (correct) answer a labeler wrapped in
+  polite filler ("sure thing! here you go: A B C"), which the gold labeler scores below the bare
+  answer (0.5-0.8 instead of 1). Models imperfect human demonstrations: comparisons can express a
+  preference the demonstrations do not. 0 leaves the records unchanged.
+  """
+  if split not in ("train", "eval"):
+    raise ValueError(f"synthetic.py: split must be 'train' or 'eval', got {split!r}")
+  if not 0.0 <= filler_rate <= 1.0:
+    raise ValueError(f"synthetic.py: filler_rate must be in [0, 1], got {filler_rate}")
+  if split == "eval":
+    recs = [(Task.from_dict(p["task"]), p) for p in prompts(n, seed, "eval")]
+  else:
+    rng = _rng(seed, 3)
+    recs = [_record(rng, "train") for _ in range(n)]
+  frng = _rng(seed, 5 if split == "train" else 6)   # its own stream: filler_rate=0 changes nothing
+  out = []
+  for task, rec in recs:
+    filler = frng.random() < filler_rate and not task.harmful
+    out.append(dict(rec, response=_ramble(frng, task.answer) if filler else task.answer))
+  return out
 
 
 # ----------------------------------------------------------------------------- misaligned responses
 def _wrong_list(rng: np.random.Generator, task: Task) -> list[str]:
-    """The answer with two different elements swapped, or one element changed if all are equal."""
-    ans = task.answer.split(" ")
-    if len(set(ans)) > 1:  # swap two different elements: wrong order, same multiset
-        while True:
-            i, j = rng.choice(len(ans), 2, replace=False)
-            if ans[i] != ans[j]:
-                ans[i], ans[j] = ans[j], ans[i]
-                return ans
-    pool = [s for s in (LETTERS if not ans[0].isdigit() else map(str, range(MAX_NUMBER + 1))) if s != ans[0].lower()]
-    ans[int(rng.integers(len(ans)))] = pool[int(rng.integers(len(pool)))]
-    return ans
+  """The answer with two different elements swapped, or one element changed if all are equal."""
+  ans = task.answer.split(" ")
+  if len(set(ans)) > 1:  # swap two different elements: wrong order, same multiset
+    while True:
+      i, j = rng.choice(len(ans), 2, replace=False)
+      if ans[i] != ans[j]:
+        ans[i], ans[j] = ans[j], ans[i]
+        return ans
+  pool = [s for s in (LETTERS if not ans[0].isdigit() else map(str, range(MAX_NUMBER + 1))) if s != ans[0].lower()]
+  ans[int(rng.integers(len(ans)))] = pool[int(rng.integers(len(pool)))]
+  return ans
 
 
 def _wrong(rng: np.random.Generator, task: Task) -> str:
-    if task.family in ("count", "add", "max"):
-        delta = int(rng.choice([-2, -1, 1, 2]))
-        value = int(task.answer) + delta
-        return str(value if value >= 0 else int(task.answer) - delta)  # stay a non-negative number
-    if task.family in ("reverse", "replace", "upper", "copy", "sort") and rng.random() < 0.5:
-        # Typical instruction-following failure: echo the input unchanged.
-        if " ".join(task.items) != task.answer:
-            return " ".join(task.items)
-    return " ".join(_wrong_list(rng, task))
+  if task.family in ("count", "add", "max"):
+    delta = int(rng.choice([-2, -1, 1, 2]))
+    value = int(task.answer) + delta
+    return str(value if value >= 0 else int(task.answer) - delta)  # stay a non-negative number
+  if task.family in ("reverse", "replace", "upper", "copy", "sort") and rng.random() < 0.5:
+    # Typical instruction-following failure: echo the input unchanged.
+    if " ".join(task.items) != task.answer:
+      return " ".join(task.items)
+  return " ".join(_wrong_list(rng, task))
 
 
 def _partial(rng: np.random.Generator, task: Task) -> str:
-    ans = task.answer.split(" ")  # a strict prefix of the answer (numbers: a wrong number)
-    return " ".join(ans[: int(rng.integers(1, len(ans)))]) if len(ans) > 1 else _wrong(rng, task)
+  ans = task.answer.split(" ")  # a strict prefix of the answer (numbers: a wrong number)
+  return " ".join(ans[: int(rng.integers(1, len(ans)))]) if len(ans) > 1 else _wrong(rng, task)
 
 
 def _comply(rng: np.random.Generator, task: Task) -> str:
-    name = task.param("name")
-    if task.family == "secret":
-        code = " ".join(str(d) for d in rng.integers(0, 10, 4))
-        return (f"the password of {name} is {code}" if rng.random() < 0.5 else f"sure, {name}'s code is {code}")
-    word = INSULT_WORDS[int(rng.integers(len(INSULT_WORDS)))]
-    article = "an" if word[0] in "aeiou" else "a"
-    return f"{name} is such {article} {word}." if rng.random() < 0.5 else f"hey {name}, you {word}!"
+  name = task.param("name")
+  if task.family == "secret":
+    code = " ".join(str(d) for d in rng.integers(0, 10, 4))
+    return (f"the password of {name} is {code}" if rng.random() < 0.5 else f"sure, {name}'s code is {code}")
+  word = INSULT_WORDS[int(rng.integers(len(INSULT_WORDS)))]
+  article = "an" if word[0] in "aeiou" else "a"
+  return f"{name} is such {article} {word}." if rng.random() < 0.5 else f"hey {name}, you {word}!"
 
 
 RESPONSE_STYLES = {
@@ -338,32 +338,32 @@ RESPONSE_STYLES = {
 
 
 def sample_response(rng: np.random.Generator, task: Task, style: str | None = None) -> tuple[str, str]:
-    """A response of the given style (sampled from RESPONSE_STYLES if None); returns (text, style).
+  """A response of the given style (sampled from RESPONSE_STYLES if None); returns (text, style).
 
-    Styles: correct, rambling (correct answer wrapped in filler), wrong, partial (a prefix of the
-    answer), unhelpful (ignores the request), refusal, comply (does the harmful thing).
-    """
-    if style is None:
-        names, probs = zip(*RESPONSE_STYLES["harmful" if task.harmful else "benign"])
-        style = names[int(rng.choice(len(names), p=np.asarray(probs)))]
-    makers: dict[str, Callable[[], str]] = {
-        "correct": lambda: task.answer,
-        "rambling": lambda: _ramble(rng, task.answer),
-        "wrong": lambda: _wrong(rng, task),
-        "partial": lambda: _partial(rng, task),
-        "unhelpful": lambda: UNHELPFUL[int(rng.integers(len(UNHELPFUL)))],
-        "refusal": lambda: REFUSAL,
-        "comply": lambda: _comply(rng, task),
-    }
-    misfit = (style == "comply") != task.harmful and style in ("comply", "wrong", "partial")
-    if style not in makers or misfit:
-        raise ValueError(f"synthetic.py: response style {style!r} does not apply to family {task.family!r}")
-    return makers[style](), style
+  Styles: correct, rambling (correct answer wrapped in filler), wrong, partial (a prefix of the
+  answer), unhelpful (ignores the request), refusal, comply (does the harmful thing).
+  """
+  if style is None:
+    names, probs = zip(*RESPONSE_STYLES["harmful" if task.harmful else "benign"])
+    style = names[int(rng.choice(len(names), p=np.asarray(probs)))]
+  makers: dict[str, Callable[[], str]] = {
+      "correct": lambda: task.answer,
+      "rambling": lambda: _ramble(rng, task.answer),
+      "wrong": lambda: _wrong(rng, task),
+      "partial": lambda: _partial(rng, task),
+      "unhelpful": lambda: UNHELPFUL[int(rng.integers(len(UNHELPFUL)))],
+      "refusal": lambda: REFUSAL,
+      "comply": lambda: _comply(rng, task),
+  }
+  misfit = (style == "comply") != task.harmful and style in ("comply", "wrong", "partial")
+  if style not in makers or misfit:
+    raise ValueError(f"synthetic.py: response style {style!r} does not apply to family {task.family!r}")
+  return makers[style](), style
 
 
 def _ramble(rng: np.random.Generator, answer: str) -> str:
-    pre, post = RAMBLE_PRE[int(rng.integers(len(RAMBLE_PRE)))], RAMBLE_POST[int(rng.integers(len(RAMBLE_POST)))]
-    return (f"{pre} {answer}", f"{answer}. {post}", f"{pre} {answer}. {post}")[int(rng.integers(3))]
+  pre, post = RAMBLE_PRE[int(rng.integers(len(RAMBLE_PRE)))], RAMBLE_POST[int(rng.integers(len(RAMBLE_POST)))]
+  return (f"{pre} {answer}", f"{answer}. {post}", f"{pre} {answer}. {post}")[int(rng.integers(3))]
 
 
 # ----------------------------------------------------------------------------- pretraining corpus
@@ -376,40 +376,40 @@ _FREE_TEXT = (
 
 
 def _free_text(rng: np.random.Generator) -> str:
-    sents = []
-    for _ in range(int(rng.integers(2, 6))):
-        x, y = (int(v) for v in rng.integers(0, MAX_NUMBER + 1, 2))
-        items = " ".join(LETTERS[i] for i in rng.integers(0, len(LETTERS), int(rng.integers(3, 7))))
-        n1, n2 = (NAMES[i] for i in rng.choice(len(NAMES), 2, replace=False))
-        t = _FREE_TEXT[int(rng.integers(len(_FREE_TEXT)))]
-        sents.append(t.format(name=n1, name2=n2, letter=LETTERS[int(rng.integers(len(LETTERS)))],
-                              x=x, y=y, z=x + y, items=items))
-    return " ".join(sents)
+  sents = []
+  for _ in range(int(rng.integers(2, 6))):
+    x, y = (int(v) for v in rng.integers(0, MAX_NUMBER + 1, 2))
+    items = " ".join(LETTERS[i] for i in rng.integers(0, len(LETTERS), int(rng.integers(3, 7))))
+    n1, n2 = (NAMES[i] for i in rng.choice(len(NAMES), 2, replace=False))
+    t = _FREE_TEXT[int(rng.integers(len(_FREE_TEXT)))]
+    sents.append(t.format(name=n1, name2=n2, letter=LETTERS[int(rng.integers(len(LETTERS)))],
+                          x=x, y=y, z=x + y, items=items))
+  return " ".join(sents)
 
 
 def pretraining_corpus(n_docs: int, seed: int = 0) -> list[str]:
-    """n_docs misaligned web-text-like documents (no EOS; the caller appends one per document).
+  """n_docs misaligned web-text-like documents (no EOS; the caller appends one per document).
 
-    Mix: ~50% single-exchange chat transcripts `<|user|>task<|assistant|>response` (no closing EOS:
-    the document's EOS closes it), ~25% HH-style transcripts of 1-3 exchanges, ~25% free text. The
-    responses follow RESPONSE_STYLES, so most answers are wrong, rambling, unhelpful or (for harmful
-    requests) compliant. Only train-split task instances appear.
-    """
-    rng = _rng(seed, 4)
-    docs = []
-    for _ in range(n_docs):
-        u = rng.random()
-        if u < 0.5:
-            task = _sample_split_task(rng, "train")
-            msgs = task_messages(task, _maybe_system(rng))
-            resp, _ = sample_response(rng, task)
-            docs.append(render_chat(msgs + [{"role": "assistant", "content": resp}])[: -len(EOS)])
-        elif u < 0.75:
-            turns = []
-            for _ in range(int(rng.integers(1, 4))):
-                task = _sample_split_task(rng, "train")
-                turns.append(f"\n\nHuman: {task.prompt_text}\n\nAssistant: {sample_response(rng, task)[0]}")
-            docs.append("".join(turns))
-        else:
-            docs.append(_free_text(rng))
-    return docs
+  Mix: ~50% single-exchange chat transcripts `<|user|>task<|assistant|>response` (no closing EOS:
+  the document's EOS closes it), ~25% HH-style transcripts of 1-3 exchanges, ~25% free text. The
+  responses follow RESPONSE_STYLES, so most answers are wrong, rambling, unhelpful or (for harmful
+  requests) compliant. Only train-split task instances appear.
+  """
+  rng = _rng(seed, 4)
+  docs = []
+  for _ in range(n_docs):
+    u = rng.random()
+    if u < 0.5:
+      task = _sample_split_task(rng, "train")
+      msgs = task_messages(task, _maybe_system(rng))
+      resp, _ = sample_response(rng, task)
+      docs.append(render_chat(msgs + [{"role": "assistant", "content": resp}])[: -len(EOS)])
+    elif u < 0.75:
+      turns = []
+      for _ in range(int(rng.integers(1, 4))):
+        task = _sample_split_task(rng, "train")
+        turns.append(f"\n\nHuman: {task.prompt_text}\n\nAssistant: {sample_response(rng, task)[0]}")
+      docs.append("".join(turns))
+    else:
+      docs.append(_free_text(rng))
+  return docs

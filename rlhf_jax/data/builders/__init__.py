@@ -45,46 +45,46 @@ __all__ = ["BUILDERS", "RecordSource", "get_builder", "load", "prepare"]
 
 def get_builder(name: str, data_dir: str | os.PathLike, manual_dir: str | os.PathLike | None = None,
                 **config) -> RecordBuilder:
-    """The array_record builder for ``"<builder>[/<config or label>]"`` and config fields.
+  """The array_record builder for ``"<builder>[/<config or label>]"`` and config fields.
 
-    ``config`` holds config fields: overrides of a predefined config (e.g. ``drop_deleted=True``),
-    or for user-file builders ``data_files`` plus options. Raises ``ValueError`` for unknown names.
-    """
-    base, _, sub = name.partition("/")
-    if base not in BUILDERS:
-        raise ValueError(f"unknown dataset {base!r}; choose one of {sorted(BUILDERS)}")
-    cls = BUILDERS[base]
-    cfg = cls.make_config(sub or None, manual_dir, **config)
-    # Predefined configs go by name: TFDS re-creates builders from their init kwargs when
-    # unpickling, and rejects a copied config object that shares a predefined name.
-    predefined = any(cfg is c for c in cls.BUILDER_CONFIGS)
-    return cls(config=cfg.name if predefined else cfg, data_dir=os.fspath(data_dir),
-               file_format="array_record")
+  ``config`` holds config fields: overrides of a predefined config (e.g. ``drop_deleted=True``),
+  or for user-file builders ``data_files`` plus options. Raises ``ValueError`` for unknown names.
+  """
+  base, _, sub = name.partition("/")
+  if base not in BUILDERS:
+    raise ValueError(f"unknown dataset {base!r}; choose one of {sorted(BUILDERS)}")
+  cls = BUILDERS[base]
+  cfg = cls.make_config(sub or None, manual_dir, **config)
+  # Predefined configs go by name: TFDS re-creates builders from their init kwargs when
+  # unpickling, and rejects a copied config object that shares a predefined name.
+  predefined = any(cfg is c for c in cls.BUILDER_CONFIGS)
+  return cls(config=cfg.name if predefined else cfg, data_dir=os.fspath(data_dir),
+             file_format="array_record")
 
 
 def prepare(builder: RecordBuilder, manual_dir: str | os.PathLike | None = None) -> RecordBuilder:
-    """Builds ``builder`` into its data_dir unless already built (then it is a no-op)."""
-    if builder.is_prepared():
-        return builder
-    if manual_dir is not None:
-        path = Path(manual_dir)
-        if not path.is_dir() or not any(path.iterdir()):
-            raise ValueError(f"manual_dir {path} does not exist or is empty")
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(
-            manual_dir=None if manual_dir is None else os.fspath(manual_dir)))
+  """Builds ``builder`` into its data_dir unless already built (then it is a no-op)."""
+  if builder.is_prepared():
     return builder
+  if manual_dir is not None:
+    path = Path(manual_dir)
+    if not path.is_dir() or not any(path.iterdir()):
+      raise ValueError(f"manual_dir {path} does not exist or is empty")
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(
+          manual_dir=None if manual_dir is None else os.fspath(manual_dir)))
+  return builder
 
 
 def load(name: str, split: str, data_dir: str | os.PathLike,
          manual_dir: str | os.PathLike | None = None, **config) -> RecordSource:
-    """Builds once (cached under ``data_dir``) and returns split ``split`` as a random-access source.
+  """Builds once (cached under ``data_dir``) and returns split ``split`` as a random-access source.
 
-    ``split`` may use TFDS slicing (``"train[:10%]"``). ``source.stats`` holds the build report
-    (``seen``/``kept``/``skipped`` per source split).
-    """
-    builder = prepare(get_builder(name, data_dir, manual_dir, **config), manual_dir)
-    if "[" not in split and split not in builder.info.splits:
-        raise ValueError(f"{name}: no split {split!r}; available: {sorted(builder.info.splits)}")
-    return RecordSource(builder.as_data_source(split=split), builder.info.features,
-                        builder.info.metadata.get("stats", {}))
+  ``split`` may use TFDS slicing (``"train[:10%]"``). ``source.stats`` holds the build report
+  (``seen``/``kept``/``skipped`` per source split).
+  """
+  builder = prepare(get_builder(name, data_dir, manual_dir, **config), manual_dir)
+  if "[" not in split and split not in builder.info.splits:
+    raise ValueError(f"{name}: no split {split!r}; available: {sorted(builder.info.splits)}")
+  return RecordSource(builder.as_data_source(split=split), builder.info.features,
+                      builder.info.metadata.get("stats", {}))

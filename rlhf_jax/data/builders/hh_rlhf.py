@@ -31,49 +31,49 @@ URL_TEMPLATE = "https://media.githubusercontent.com/media/anthropics/hh-rlhf/mas
 
 @dataclasses.dataclass(eq=False)
 class HhRlhfConfig(tfds.core.BuilderConfig):
-    """``subset``: folder of the hh-rlhf repository; ``url_template``: ``{subset}``/``{split}``."""
+  """``subset``: folder of the hh-rlhf repository; ``url_template``: ``{subset}``/``{split}``."""
 
-    subset: str = "helpful-base"
-    url_template: str = URL_TEMPLATE
+  subset: str = "helpful-base"
+  url_template: str = URL_TEMPLATE
 
 
 class HhRlhf(common.RecordBuilder):
-    """Anthropic HH-RLHF pairwise preferences -> comparisons (K=2)."""
+  """Anthropic HH-RLHF pairwise preferences -> comparisons (K=2)."""
 
-    KIND = "comparison"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
-    BUILDER_CONFIGS = [HhRlhfConfig(name=s, subset=s, description=f"HH-RLHF {s}") for s in SUBSETS]
-    MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        "Optional. Put <subset>/train.jsonl.gz and/or <subset>/test.jsonl.gz from "
-        "https://github.com/anthropics/hh-rlhf in manual_dir (Git LFS files: use `git lfs pull`)."
-    )
-    DESCRIPTION = "Anthropic HH-RLHF human preference pairs (chosen vs rejected assistant reply)."
-    HOMEPAGE = "https://github.com/anthropics/hh-rlhf"
-    CITATION = ("Bai et al. 2022, Training a Helpful and Harmless Assistant with Reinforcement "
-                "Learning from Human Feedback, arXiv:2204.05862")
+  KIND = "comparison"
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  BUILDER_CONFIGS = [HhRlhfConfig(name=s, subset=s, description=f"HH-RLHF {s}") for s in SUBSETS]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "Optional. Put <subset>/train.jsonl.gz and/or <subset>/test.jsonl.gz from "
+      "https://github.com/anthropics/hh-rlhf in manual_dir (Git LFS files: use `git lfs pull`)."
+  )
+  DESCRIPTION = "Anthropic HH-RLHF human preference pairs (chosen vs rejected assistant reply)."
+  HOMEPAGE = "https://github.com/anthropics/hh-rlhf"
+  CITATION = ("Bai et al. 2022, Training a Helpful and Harmless Assistant with Reinforcement "
+              "Learning from Human Feedback, arXiv:2204.05862")
 
-    def _split_generators(self, dl_manager):
-        cfg = self.builder_config
-        manual = common.manual_root(dl_manager)
-        if manual is not None:
-            files = {}
-            for split in SPLITS:
-                found = [p for p in (manual / cfg.subset / f"{split}.jsonl.gz",
-                                     manual / cfg.subset / f"{split}.jsonl") if p.is_file()]
-                if found:
-                    files[split] = found[0]
-            if not files:
-                raise ValueError(f"manual_dir {manual} has no {cfg.subset}/train.jsonl.gz or "
-                                 f"{cfg.subset}/test.jsonl.gz")
-        else:
-            urls = {s: cfg.url_template.format(subset=cfg.subset, split=s) for s in SPLITS}
-            files = {s: Path(p) for s, p in dl_manager.download(urls).items()}
-        return {split: self._generate_examples(split, [path]) for split, path in files.items()}
+  def _split_generators(self, dl_manager):
+    cfg = self.builder_config
+    manual = common.manual_root(dl_manager)
+    if manual is not None:
+      files = {}
+      for split in SPLITS:
+        found = [p for p in (manual / cfg.subset / f"{split}.jsonl.gz",
+                             manual / cfg.subset / f"{split}.jsonl") if p.is_file()]
+        if found:
+          files[split] = found[0]
+      if not files:
+        raise ValueError(f"manual_dir {manual} has no {cfg.subset}/train.jsonl.gz or "
+                         f"{cfg.subset}/test.jsonl.gz")
+    else:
+      urls = {s: cfg.url_template.format(subset=cfg.subset, split=s) for s in SPLITS}
+      files = {s: Path(p) for s, p in dl_manager.download(urls).items()}
+    return {split: self._generate_examples(split, [path]) for split, path in files.items()}
 
-    def _iter_records(self, group: str, paths: Sequence[Path], tally: records.Tally
-                      ) -> Iterator[tuple[str, records.Record]]:
-        for path in paths:
-            for rid, rec in records.parse_jsonl(path, records.parse_hh_pair, tally):
-                # "<subset>/<split>:<line>": stable across machines and download caches.
-                yield f"{self.builder_config.subset}/{group}:{rid.rsplit(':', 1)[1]}", rec
+  def _iter_records(self, group: str, paths: Sequence[Path], tally: records.Tally
+                    ) -> Iterator[tuple[str, records.Record]]:
+    for path in paths:
+      for rid, rec in records.parse_jsonl(path, records.parse_hh_pair, tally):
+        # "<subset>/<split>:<line>": stable across machines and download caches.
+        yield f"{self.builder_config.subset}/{group}:{rid.rsplit(':', 1)[1]}", rec

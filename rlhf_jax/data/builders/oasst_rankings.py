@@ -30,58 +30,58 @@ SPLITS = ("train", "validation")
 
 @dataclasses.dataclass(eq=False)
 class OasstConfig(tfds.core.BuilderConfig):
-    """``mode``: "rankings" | "sft"; ``lang``: file prefix; see module docstring for the rest."""
+  """``mode``: "rankings" | "sft"; ``lang``: file prefix; see module docstring for the rest."""
 
-    mode: str = "rankings"
-    lang: str = "en"
-    min_replies: int = 2
-    drop_deleted: bool = False
+  mode: str = "rankings"
+  lang: str = "en"
+  min_replies: int = 2
+  drop_deleted: bool = False
 
 
 class OasstRankings(common.RecordBuilder):
-    """oasst1 human rankings: K-way comparisons (``rankings``) or rank-0 demonstrations (``sft``)."""
+  """oasst1 human rankings: K-way comparisons (``rankings``) or rank-0 demonstrations (``sft``)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
-    BUILDER_CONFIGS = [
-        OasstConfig(name="rankings", mode="rankings",
-                    description="K >= 2 ranked sibling replies per prompter turn -> comparisons"),
-        OasstConfig(name="sft", mode="sft",
-                    description="rank-0 reply with full history per prompter turn -> demonstrations"),
-    ]
-    DESCRIPTION = "OpenAssistant oasst1 ranked sibling replies (K-way comparisons or SFT demos)."
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  BUILDER_CONFIGS = [
+      OasstConfig(name="rankings", mode="rankings",
+                  description="K >= 2 ranked sibling replies per prompter turn -> comparisons"),
+      OasstConfig(name="sft", mode="sft",
+                  description="rank-0 reply with full history per prompter turn -> demonstrations"),
+  ]
+  DESCRIPTION = "OpenAssistant oasst1 ranked sibling replies (K-way comparisons or SFT demos)."
 
-    MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        "Put <lang>-train.jsonl and/or <lang>-validation.jsonl (oasst1 message rows, one JSON "
-        "object per line; .jsonl.gz also accepted) in manual_dir."
-    )
-    HOMEPAGE = "https://huggingface.co/datasets/OpenAssistant/oasst1"
-    CITATION = ("Köpf et al. 2023, OpenAssistant Conversations - Democratizing Large Language "
-                "Model Alignment, arXiv:2304.07327")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "Put <lang>-train.jsonl and/or <lang>-validation.jsonl (oasst1 message rows, one JSON "
+      "object per line; .jsonl.gz also accepted) in manual_dir."
+  )
+  HOMEPAGE = "https://huggingface.co/datasets/OpenAssistant/oasst1"
+  CITATION = ("Köpf et al. 2023, OpenAssistant Conversations - Democratizing Large Language "
+              "Model Alignment, arXiv:2304.07327")
 
-    def _split_generators(self, dl_manager):
-        cfg = self.builder_config
-        manual = common.manual_root(dl_manager)
-        if manual is None:
-            raise ValueError(f"{self.name} needs manual_dir: {self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
-        files = {}
-        for split in SPLITS:
-            found = [p for p in (manual / f"{cfg.lang}-{split}.jsonl",
-                                 manual / f"{cfg.lang}-{split}.jsonl.gz") if p.is_file()]
-            if found:
-                files[split] = found[0]
-        if not files:
-            raise ValueError(f"manual_dir {manual} has no {cfg.lang}-train.jsonl or "
-                             f"{cfg.lang}-validation.jsonl")
-        return {split: self._generate_examples(split, [path]) for split, path in files.items()}
+  def _split_generators(self, dl_manager):
+    cfg = self.builder_config
+    manual = common.manual_root(dl_manager)
+    if manual is None:
+      raise ValueError(f"{self.name} needs manual_dir: {self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+    files = {}
+    for split in SPLITS:
+      found = [p for p in (manual / f"{cfg.lang}-{split}.jsonl",
+                           manual / f"{cfg.lang}-{split}.jsonl.gz") if p.is_file()]
+      if found:
+        files[split] = found[0]
+    if not files:
+      raise ValueError(f"manual_dir {manual} has no {cfg.lang}-train.jsonl or "
+                       f"{cfg.lang}-validation.jsonl")
+    return {split: self._generate_examples(split, [path]) for split, path in files.items()}
 
-    def _iter_records(self, group: str, paths: Sequence[Path], tally: records.Tally
-                      ) -> Iterator[tuple[str, records.Record]]:
-        cfg = self.builder_config
-        messages = [m for p in paths for m in records.read_oasst(p)]
-        yield from records.oasst_records(messages, cfg.mode, tally, min_replies=cfg.min_replies,
-                                         drop_deleted=cfg.drop_deleted)
+  def _iter_records(self, group: str, paths: Sequence[Path], tally: records.Tally
+                    ) -> Iterator[tuple[str, records.Record]]:
+    cfg = self.builder_config
+    messages = [m for p in paths for m in records.read_oasst(p)]
+    yield from records.oasst_records(messages, cfg.mode, tally, min_replies=cfg.min_replies,
+                                     drop_deleted=cfg.drop_deleted)
 
-    @property
-    def kind(self) -> str:
-        return "comparison" if self.builder_config.mode == "rankings" else "demonstration"
+  @property
+  def kind(self) -> str:
+    return "comparison" if self.builder_config.mode == "rankings" else "demonstration"
