@@ -108,7 +108,7 @@ def save_hf_models(cfg, models, directory):
   import torch
   from benchmarks import torch_ref
   from rlhf_jax.model import hf
-  hf.save_gpt2(cfg, models["policy"], os.path.join(directory, "policy"))
+  hf.save(cfg, models["policy"], os.path.join(directory, "policy"))
   for name in ("score", "value"):
     m = torch_ref.hf_model(cfg, models[name]["gpt"], kind="cls")
     with torch.no_grad():

@@ -18,11 +18,11 @@ def torch_setup(threads: int | None = None):
 
 def hf_model(cfg, params, kind: str = "lm", extra_config: dict | None = None):
   """Our params as a transformers GPT-2 model (kind: lm -> GPT2LMHeadModel, cls -> GPT2ForSequenceClassification
-  with a fresh 1-logit score head). Loaded through rlhf_jax.model.hf.save_gpt2 (float32)."""
+  with a fresh 1-logit score head). Loaded through rlhf_jax.model.hf.save (float32)."""
   import transformers
   from rlhf_jax.model import hf
   with tempfile.TemporaryDirectory() as d:
-    hf.save_gpt2(cfg, params, d, extra_config=extra_config)
+    hf.save(cfg, params, d, extra_config=extra_config)
     if kind == "lm":
       return transformers.GPT2LMHeadModel.from_pretrained(d)
     return transformers.GPT2ForSequenceClassification.from_pretrained(d, num_labels=1)

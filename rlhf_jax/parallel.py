@@ -31,6 +31,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("embed", "fsdp"),
     ("vocab", "tensor"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),  # GQA K/V heads; replicated when KV is not divisible by the tensor axis
     ("head_dim", None),
     ("mlp", "tensor"),
     ("norm", None),

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from rlhf_jax.model import gpt  # noqa: E402
 from rlhf_jax.model.config import GPTConfig, preset  # noqa: E402
-from rlhf_jax.model.hf import config_from_hf, load_gpt2, save_gpt2  # noqa: E402
+from rlhf_jax.model.hf import config_from_hf, load, save  # noqa: E402
 
 TOL = 1e-4
 HF_KW = dict(n_embd=96, n_layer=3, n_head=4, n_positions=64, vocab_size=211, layer_norm_epsilon=3e-5,
@@ -56,7 +56,7 @@ def hf(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(hf):
-  return load_gpt2(hf[1])
+  return load(hf[1])
 
 
 def _tokens(b, t, seed=0):
@@ -95,7 +95,8 @@ def test_config_mapping(loaded):
   assert cfg == GPTConfig(vocab_size=211, max_len=64, n_layer=3, n_head=4, d_model=96, d_ff=200,
                           pre_ln=True, dropout=0.05, ln_eps=3e-5, init_std=0.03)
   assert cfg.d_head == 24
-  assert params["blocks"]["attn"]["qkv_kernel"].shape == (3, 96, 3, 4, 24)
+  assert params["blocks"]["attn"]["q_kernel"].shape == (3, 96, 4, 24)
+  assert params["blocks"]["attn"]["kv_kernel"].shape == (3, 96, 2, 4, 24)
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))
 
 
@@ -156,7 +157,7 @@ def test_bin_checkpoints_with_and_without_prefix(hf, loaded, tmp_path):
     sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
   torch.save(sd, bare / "pytorch_model.bin")
   for d in (with_prefix, bare):
-    cfg, params = load_gpt2(d)
+    cfg, params = load(d)
     assert cfg == loaded[0]
     _assert_same_params(params, loaded[1])
 
@@ -174,10 +175,10 @@ def test_sharded_safetensors(hf, loaded, tmp_path):
     save_file({k: sd[k] for k in keys}, d / fname, metadata={"format": "pt"})
   index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
   (d / "model.safetensors.index.json").write_text(json.dumps(index))
-  _assert_same_params(load_gpt2(d)[1], loaded[1])
+  _assert_same_params(load(d)[1], loaded[1])
   (d / "model-00002-of-00002.safetensors").unlink()
-  with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
-    load_gpt2(d)
+  with pytest.raises(FileNotFoundError, match=r"model-00002-of-00002\.safetensors.*model\.safetensors\.index\.json"):
+    load(d)
 
 
 def test_bfloat16_safetensors(hf, tmp_path):
@@ -188,11 +189,12 @@ def test_bfloat16_safetensors(hf, tmp_path):
   from safetensors.torch import save_file
   sd = {k: v.to(torch.bfloat16).contiguous() for k, v in model.transformer.state_dict().items()}
   save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
-  cfg, params = load_gpt2(d, dtype="bfloat16")
+  cfg, params = load(d, dtype="bfloat16")
   assert cfg.dtype == "bfloat16"
   np.testing.assert_array_equal(np.asarray(params["wte"]), sd["wte.weight"].float().numpy())
   want = sd["h.2.attn.c_attn.weight"].float().numpy().reshape(96, 3, 4, 24)
-  np.testing.assert_array_equal(np.asarray(params["blocks"]["attn"]["qkv_kernel"][2]), want)
+  np.testing.assert_array_equal(np.asarray(params["blocks"]["attn"]["q_kernel"][2]), want[:, 0])
+  np.testing.assert_array_equal(np.asarray(params["blocks"]["attn"]["kv_kernel"][2]), want[:, 1:])
   assert params["wte"].dtype == np.float32
 
 
@@ -200,7 +202,7 @@ def test_bfloat16_safetensors(hf, tmp_path):
 def test_export_round_trip(hf, loaded, tmp_path):
   model, _ = hf
   cfg, params = loaded
-  out = save_gpt2(cfg, params, tmp_path / "export")
+  out = save(cfg, params, tmp_path / "export")
   back = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
   ref_sd, got_sd = model.state_dict(), back.state_dict()
   assert set(ref_sd) == set(got_sd)
@@ -208,7 +210,7 @@ def test_export_round_trip(hf, loaded, tmp_path):
     assert torch.equal(ref_sd[k], got_sd[k]), k
   tokens = _tokens(2, 33, seed=2)
   assert np.abs(_hf_logits(back, tokens) - _hf_logits(model, tokens)).max() < TOL
-  cfg2, params2 = load_gpt2(out)
+  cfg2, params2 = load(out)
   assert cfg2 == cfg
   _assert_same_params(params2, params)
 
@@ -216,7 +218,7 @@ def test_export_round_trip(hf, loaded, tmp_path):
 def test_export_of_native_params_matches_our_logits(tmp_path):
   cfg = GPTConfig(vocab_size=97, max_len=32, n_layer=2, n_head=3, d_model=48, ln_eps=1e-5, dropout=0.0)
   params = _random_params(cfg, seed=3)
-  out = save_gpt2(cfg, params, tmp_path / "native")
+  out = save(cfg, params, tmp_path / "native")
   hf_cfg = json.loads((out / "config.json").read_text())
   assert hf_cfg["n_inner"] == 4 * 48 and hf_cfg["eos_token_id"] is None
   back = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
@@ -228,23 +230,23 @@ def test_export_of_native_params_matches_our_logits(tmp_path):
 def test_export_rejects_configs_gpt2_cannot_express(tmp_path):
   post_ln = GPTConfig(vocab_size=50, max_len=16, n_layer=1, n_head=2, d_model=16, pre_ln=False)
   with pytest.raises(ValueError, match="post-LN"):
-    save_gpt2(post_ln, _random_params(post_ln, 0), tmp_path / "a")
+    save(post_ln, _random_params(post_ln, 0), tmp_path / "a")
   wide = GPTConfig(vocab_size=50, max_len=16, n_layer=1, n_head=2, d_model=16, head_dim=12)
   with pytest.raises(ValueError, match="head_dim"):
-    save_gpt2(wide, _random_params(wide, 0), tmp_path / "b")
+    save(wide, _random_params(wide, 0), tmp_path / "b")
   ok = GPTConfig(vocab_size=50, max_len=16, n_layer=1, n_head=2, d_model=16)
   params = _random_params(ok, 0)
   with pytest.raises(ValueError, match=r"wpe.*shape \(8, 16\)"):
-    save_gpt2(ok, {**params, "wpe": params["wpe"][:8]}, tmp_path / "c")
+    save(ok, {**params, "wpe": params["wpe"][:8]}, tmp_path / "c")
   assert not (tmp_path / "c").exists()
 
 
 # ------------------------------------------------------------------ errors
 @pytest.mark.parametrize("model_type", ["llama", "bert"])
-def test_other_architecture_is_rejected(hf, tmp_path, model_type):
+def test_model_type_must_match_the_architecture(hf, tmp_path, model_type):
   d = _copy_with_config(hf[1], tmp_path / model_type, model_type=model_type)
-  with pytest.raises(ValueError, match=rf"config\.json: model_type is '{model_type}'"):
-    load_gpt2(d)
+  with pytest.raises(ValueError, match=rf"config\.json: model_type is '{model_type}', but architectures"):
+    load(d)
 
 
 def test_missing_weights_and_config(hf, tmp_path):
@@ -252,11 +254,11 @@ def test_missing_weights_and_config(hf, tmp_path):
   d.mkdir()
   shutil.copy(hf[1] / "config.json", d)
   with pytest.raises(FileNotFoundError, match=rf"{d}: no weights found"):
-    load_gpt2(d)
+    load(d)
   with pytest.raises(FileNotFoundError, match="no config.json"):
-    load_gpt2(tmp_path)
+    load(tmp_path)
   with pytest.raises(FileNotFoundError, match="not a directory"):
-    load_gpt2(tmp_path / "absent")
+    load(tmp_path / "absent")
 
 
 @pytest.mark.parametrize("changes, match", [
@@ -268,12 +270,12 @@ def test_missing_weights_and_config(hf, tmp_path):
 def test_unsupported_gpt2_variants(hf, tmp_path, changes, match):
   d = _copy_with_config(hf[1], tmp_path / "variant", **changes)
   with pytest.raises(ValueError, match=match):
-    load_gpt2(d)
+    load(d)
 
 
 def test_tanh_gelu_aliases_accepted(hf, loaded, tmp_path):
   d = _copy_with_config(hf[1], tmp_path / "alias", activation_function="gelu_pytorch_tanh")
-  _assert_same_params(load_gpt2(d)[1], loaded[1])
+  _assert_same_params(load(d)[1], loaded[1])
 
 
 def _write_safetensors(model, d, edit):
@@ -300,6 +302,6 @@ def test_bad_tensors_are_named(hf, loaded, tmp_path):
     d.mkdir()
     _write_safetensors(hf, d, edit)
     with pytest.raises(exc, match=match):
-      load_gpt2(d)
+      load(d)
   # A reward model's extra head can be skipped on request; the LM weights still load exactly.
-  _assert_same_params(load_gpt2(tmp_path / "extra", strict=False)[1], loaded[1])
+  _assert_same_params(load(tmp_path / "extra", strict=False)[1], loaded[1])

@@ -8,6 +8,15 @@ from rlhf_jax.model import gpt
 from rlhf_jax.model.config import GPTConfig, preset
 
 CFG = preset("nano", dropout=0.0, vocab_size=97)
+# Every Llama-family option at once: RoPE (llama3 scaling), RMSNorm, SwiGLU, GQA, q/k/v biases,
+# Qwen3's q/k norms, an explicit head_dim != d_model / n_head and an untied unembedding.
+LLAMA = GPTConfig(vocab_size=97, max_len=32, n_layer=2, n_head=4, n_kv_head=2, d_model=64, head_dim=12, d_ff=80,
+                  dropout=0.0, family="qwen3", position="rope", norm="rmsnorm", mlp="swiglu", qkv_bias=True,
+                  bias=False, qk_norm=True, tie_embeddings=False, rope_theta=1e4, rope_scaling="llama3",
+                  rope_factor=4.0, rope_original_max_len=8)
+
+
+_forward = jax.jit(gpt.forward, static_argnums=(1,))
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +59,48 @@ def test_right_padding_does_not_change_real_positions(params):
   np.testing.assert_allclose(a[1, :5], b[1, :5], atol=1e-6)
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(pre_ln=False), dict(scan_layers=False), dict(remat="full")])
+def test_llama_options_param_count_and_layout():
+  shapes = jax.eval_shape(lambda: gpt.init(LLAMA, jax.random.PRNGKey(0)))
+  assert gpt.num_params(shapes) == LLAMA.num_params()
+  attn, mlp = shapes["blocks"]["attn"], shapes["blocks"]["mlp"]
+  assert attn["q_kernel"].shape == (2, 64, 4, 12) and attn["kv_kernel"].shape == (2, 64, 2, 2, 12)
+  assert attn["q_bias"].shape == (2, 4, 12) and attn["kv_bias"].shape == (2, 2, 2, 12)
+  assert attn["q_norm"]["scale"].shape == (2, 12) and "out_bias" not in attn
+  assert set(mlp) == {"fc_kernel", "gate_kernel", "proj_kernel"}
+  assert "wpe" not in shapes and shapes["lm_head"].shape == (97, 64) and set(shapes["ln_f"]) == {"scale"}
+  assert gpt.init_cache(LLAMA, 3, 8)["k"].shape == (2, 3, 8, 2, 12)
+  # Untied lm_head: 6N counts it, not the input table; no position table is subtracted.
+  assert LLAMA.flops_per_token(16) == 6.0 * (LLAMA.num_params() - 97 * 64) + 12.0 * 2 * 16 * 4 * 12
+
+
+def test_config_stays_hashable_and_json_round_trips():
+  import dataclasses
+  import json
+  assert GPTConfig(**json.loads(json.dumps(dataclasses.asdict(LLAMA)))) == LLAMA
+  assert hash(LLAMA) == hash(GPTConfig(**dataclasses.asdict(LLAMA)))
+  old_stage_json = {k: v for k, v in dataclasses.asdict(CFG).items() if k in (
+      "vocab_size", "max_len", "n_layer", "n_head", "d_model", "head_dim", "d_ff", "pre_ln", "dropout", "ln_eps",
+      "init_std", "dtype", "remat", "scan_layers")}
+  assert GPTConfig(**old_stage_json) == CFG and CFG.family == "gpt2" and CFG.position == "learned"
+
+
+def test_llama_options_left_padding_invariance():
+  p = gpt.init(LLAMA, jax.random.PRNGKey(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, 97)
+  ref = gpt.logits(p, LLAMA, tokens)
+  padded = jnp.concatenate([jnp.zeros((2, 3), jnp.int32), tokens], axis=1)
+  mask = jnp.concatenate([jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 9), jnp.int32)], axis=1)
+  np.testing.assert_allclose(gpt.logits(p, LLAMA, padded, mask)[:, 3:], ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(pre_ln=False), dict(scan_layers=False), dict(remat="full"),
+                                     dict(llama=True), dict(llama=True, scan_layers=False, remat="dots")])
 def test_kv_cache_incremental_decoding_matches_full_forward(variant):
-  cfg = preset("nano", dropout=0.0, vocab_size=97, **variant)
+  variant = dict(variant)
+  if variant.pop("llama", False):
+    cfg = GPTConfig(**{**LLAMA.__dict__, **variant})
+  else:
+    cfg = preset("nano", dropout=0.0, vocab_size=97, **variant)
   p = gpt.init(cfg, jax.random.PRNGKey(0))
   tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 12), 0, cfg.vocab_size)
   full = gpt.logits(p, cfg, tokens)
@@ -60,11 +108,11 @@ def test_kv_cache_incremental_decoding_matches_full_forward(variant):
   slots = jnp.zeros((2, 16), jnp.int32)
   # prefill 5 tokens, then one token at a time
   slots = slots.at[:, :5].set(1)
-  h, cache = gpt.forward(p, cfg, tokens[:, :5], slots, jnp.broadcast_to(jnp.arange(5), (2, 5)), cache, 0)
+  h, cache = _forward(p, cfg, tokens[:, :5], slots, jnp.broadcast_to(jnp.arange(5), (2, 5)), cache, 0)
   outs = [gpt.unembed(p, cfg, h)]
   for t in range(5, 12):
     slots = slots.at[:, t].set(1)
-    h, cache = gpt.forward(p, cfg, tokens[:, t:t + 1], slots, jnp.full((2, 1), t), cache, t)
+    h, cache = _forward(p, cfg, tokens[:, t:t + 1], slots, jnp.full((2, 1), t), cache, t)
     outs.append(gpt.unembed(p, cfg, h))
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-5)
 
@@ -109,6 +157,41 @@ def test_custom_layer_norm_gradient_matches_autodiff():
     np.testing.assert_allclose(g1, g2, atol=1e-4)
 
 
+def test_custom_rms_norm_gradient_matches_autodiff():
+  from rlhf_jax.model.layers import rms_norm
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 16))
+  s = jax.random.normal(jax.random.PRNGKey(1), (16,))
+  ref = lambda x, s: x / jnp.sqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * s
+  f = lambda fn: jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), argnums=(0, 1))(x, s)
+  np.testing.assert_allclose(rms_norm(x, s, 1e-6), ref(x, s), atol=1e-6)
+  for g1, g2 in zip(f(lambda x, s: rms_norm(x, s, 1e-6)), f(ref)):
+    np.testing.assert_allclose(g1, g2, atol=1e-4)
+  y = rms_norm(x.astype(jnp.bfloat16), s, 1e-6)
+  assert y.dtype == jnp.bfloat16
+
+
+def test_llama_options_train_with_dropout_and_bfloat16():
+  cfg = GPTConfig(**{**LLAMA.__dict__, "dropout": 0.1})
+  p = gpt.init(cfg, jax.random.PRNGKey(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 8), 0, 97)
+  loss = lambda p: jnp.mean(gpt.logits(p, cfg, tokens, dropout_rng=jax.random.PRNGKey(2)) ** 2)
+  grads = jax.grad(loss)(p)
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+  assert float(jnp.abs(grads["blocks"]["attn"]["q_norm"]["scale"]).max()) > 0
+  cfg16 = GPTConfig(**{**LLAMA.__dict__, "dtype": "bfloat16"})
+  np.testing.assert_allclose(gpt.logits(p, cfg16, tokens), gpt.logits(p, LLAMA, tokens), atol=0.1)
+
+
+def test_upgrade_legacy_fused_qkv_params(params):
+  legacy = jax.tree.map(lambda x: x, params)
+  attn = legacy["blocks"]["attn"]
+  attn["qkv_kernel"] = jnp.concatenate([attn.pop("q_kernel")[:, :, None], attn.pop("kv_kernel")], axis=2)
+  attn["qkv_bias"] = jnp.concatenate([attn.pop("q_bias")[:, None], attn.pop("kv_bias")], axis=1)
+  up = gpt.upgrade_legacy_params({"gpt": legacy})["gpt"]
+  jax.tree.map(np.testing.assert_array_equal, up, params)
+  assert gpt.upgrade_legacy_params(params) == params
+
+
 def test_bad_inputs_raise_clear_errors(params):
   with pytest.raises(ValueError, match="token id 97 is out of range for vocab_size=97"):
     gpt.logits(params, CFG, jnp.array([[1, 97]]))
@@ -120,3 +203,11 @@ def test_bad_inputs_raise_clear_errors(params):
     GPTConfig(d_model=100, n_head=3)
   with pytest.raises(ValueError, match="exceeds the model's context window"):
     gpt.init_cache(CFG, 1, CFG.max_len + 1)
+  with pytest.raises(ValueError, match="multiple of n_kv_head=3"):
+    GPTConfig(n_head=4, d_model=64, n_kv_head=3)
+  for field, value in [("family", "gemma"), ("norm", "batchnorm"), ("mlp", "relu"), ("position", "alibi"),
+                       ("rope_scaling", "yarn")]:
+    with pytest.raises(ValueError, match=f"GPTConfig.{field} must be one of"):
+      GPTConfig(**{field: value})
+  with pytest.raises(ValueError, match="llama3 rope scaling needs rope_original_max_len"):
+    GPTConfig(position="rope", rope_scaling="llama3")

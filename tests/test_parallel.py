@@ -82,7 +82,9 @@ def test_param_and_optimizer_shardings_follow_rules():
   assert p["wpe"].sharding.spec == P(None, "fsdp")
   assert p["blocks"]["mlp"]["fc_kernel"].sharding.spec == P(None, "fsdp", "tensor")
   assert p["blocks"]["mlp"]["proj_kernel"].sharding.spec == P(None, "tensor", "fsdp")
-  assert p["blocks"]["attn"]["qkv_kernel"].sharding.spec == P(None, "fsdp", None, "tensor", None)
+  assert p["blocks"]["attn"]["q_kernel"].sharding.spec == P(None, "fsdp", "tensor", None)
+  assert p["blocks"]["attn"]["kv_kernel"].sharding.spec == P(None, "fsdp", None, "tensor", None)
+  assert p["blocks"]["attn"]["kv_bias"].sharding.spec == P(None, None, "tensor", None)
   assert p["blocks"]["attn"]["out_kernel"].sharding.spec == P(None, "tensor", None, "fsdp")
   assert p["blocks"]["ln1"]["scale"].sharding.spec == P(None, None)
   # Adam moments are sharded exactly like their parameters.
@@ -145,3 +147,44 @@ def test_reward_model_step_on_2x2x2_matches_single_device():
   assert s8["params"]["head"]["kernel"].sharding.spec == P("fsdp")
   np.testing.assert_allclose(jax.device_get(s8["params"]["head"]["kernel"]),
                              jax.device_get(s1["params"]["head"]["kernel"]), atol=5e-5)
+
+
+def _gqa_config(n_kv_head):
+  """Every Llama-family option, so every kind of parameter is present."""
+  return gpt.GPTConfig(vocab_size=96, max_len=32, n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=32, d_ff=48,
+                       dropout=0.0, family="qwen3", position="rope", norm="rmsnorm", mlp="swiglu", qkv_bias=True,
+                       bias=True, qk_norm=True, tie_embeddings=False)
+
+
+@pytest.mark.parametrize("cfg", [CFG, _gqa_config(2), gpt.GPTConfig(vocab_size=96, max_len=16, n_layer=1, n_head=2,
+                                                                    d_model=16, pre_ln=False, bias=False)])
+def test_param_axes_name_every_parameter_with_its_rank(cfg):
+  shapes = jax.eval_shape(lambda k: gpt.init(cfg, k), jax.random.PRNGKey(0))
+  axes = gpt.param_axes(cfg)
+  is_axes = lambda x: isinstance(x, tuple)
+  assert jax.tree.structure(shapes) == jax.tree.structure(axes, is_leaf=is_axes)
+  known = {name for name, _ in parallel.DEFAULT_RULES}
+  for s, a in zip(jax.tree.leaves(shapes), jax.tree.leaves(axes, is_leaf=is_axes)):
+    assert len(a) == len(s.shape), (a, s.shape)
+    assert all(n is None or n in known for n in a), a
+
+
+@pytest.mark.parametrize("n_kv_head, kv_spec", [(2, "tensor"), (1, None)])
+def test_kv_heads_shard_on_tensor_only_when_divisible(n_kv_head, kv_spec):
+  cfg = _gqa_config(n_kv_head)
+  mesh = parallel.make_mesh((2, 2, 2))
+  opt = state_lib.make_optimizer(OPTIM)
+  state, shardings = state_lib.create_state(lambda r: gpt.init(cfg, r), opt, mesh, gpt.param_axes(cfg),
+                                            jax.random.PRNGKey(0))
+  attn = state["params"]["blocks"]["attn"]
+  assert attn["q_kernel"].sharding.spec == P(None, "fsdp", "tensor", None)
+  assert attn["kv_kernel"].sharding.spec == P(None, "fsdp", None, kv_spec, None)
+  assert attn["kv_bias"].sharding.spec == P(None, None, kv_spec, None)
+  assert state["params"]["lm_head"].sharding.spec == P("tensor", "fsdp")
+  assert state["params"]["blocks"]["mlp"]["gate_kernel"].sharding.spec == P(None, "fsdp", "tensor")
+  # The sharded forward equals the single-device one.
+  tokens = jnp.asarray(_batch()["tokens"])
+  ref = gpt.logits(jax.device_get(state["params"]), cfg, tokens)
+  with parallel.sharding_context(mesh):
+    out = jax.jit(gpt.logits, static_argnums=(1,))(state["params"], cfg, parallel.put_batch(tokens, mesh))
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5)

@@ -44,13 +44,21 @@ def param_axes(model_cfg) -> dict:
 
 def grow_vocab(gpt_params: dict, new_vocab_size: int, rng, std: float = 0.02) -> dict:
   """Appends N(0, std) rows to the token table `wte` [V, D] -> [new_vocab_size, D] (new tokens
-  such as the task specials); every other parameter and the old rows are unchanged."""
+  such as the task specials), and to an untied `lm_head` when there is one; every other
+  parameter and the old rows are unchanged. (GPT-1 initialises new embeddings randomly;
+  `gpt.resize_vocab` is the mean-row variant used for chat templates.)"""
   wte = gpt_params["wte"]
   extra = int(new_vocab_size) - wte.shape[0]
   if extra < 0:
     raise ValueError(f"gpt1: cannot shrink the vocabulary from {wte.shape[0]} to {new_vocab_size}")
-  rows = std * jax.random.normal(rng, (extra, wte.shape[1]), jnp.float32)
-  return {**gpt_params, "wte": jnp.concatenate([wte, rows.astype(wte.dtype)], axis=0)}
+
+  def grown(table, key):
+    rows = std * jax.random.normal(key, (extra, table.shape[1]), jnp.float32)
+    return jnp.concatenate([table, rows.astype(table.dtype)], axis=0)
+  out = {**gpt_params, "wte": grown(wte, rng)}
+  if "lm_head" in gpt_params:
+    out["lm_head"] = grown(gpt_params["lm_head"], jax.random.fold_in(rng, 1))
+  return out
 
 
 def extract_features(hidden, index):

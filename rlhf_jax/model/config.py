@@ -11,11 +11,33 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+REMATS = ("none", "full", "dots")
+DTYPES = ("float32", "bfloat16", "float16")
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+POSITIONS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+ROPE_SCALINGS = ("", "linear", "llama3")
+
+
+def _check_choice(name: str, value, choices) -> None:
+  if value not in choices:
+    raise ValueError(f"GPTConfig.{name} must be one of {choices}, got {value!r}")
+
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
+  """Decoder-only transformer settings; flat scalars only (hashable, JSON via dataclasses.asdict).
+
+  The defaults are GPT-2: learned positions, LayerNorm with biases, GELU MLP,
+  biased projections, one K/V head per query head, tied unembedding. The
+  Llama family (Llama 3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2) sets
+  position="rope", norm="rmsnorm", mlp="swiglu", bias=False and, per model,
+  n_kv_head (GQA), qkv_bias (Qwen2), qk_norm (Qwen3), tie_embeddings and the
+  RoPE fields below.
+  """
   vocab_size: int = 50257
-  max_len: int = 1024          # learned position table size (context window)
+  max_len: int = 1024          # context window (and the learned position table size)
   n_layer: int = 12
   n_head: int = 12
   d_model: int = 768
@@ -23,11 +45,27 @@ class GPTConfig:
   d_ff: int = 0                # 0 -> 4 * d_model
   pre_ln: bool = True          # True: GPT-2/3 (pre-LN + final LN); False: GPT-1 (post-LN)
   dropout: float = 0.1         # embedding, attention-prob and residual dropout
-  ln_eps: float = 1e-5
+  ln_eps: float = 1e-5         # epsilon of every norm (LayerNorm or RMSNorm)
   init_std: float = 0.02
   dtype: str = "float32"       # compute dtype; params stay float32 (master weights)
   remat: str = "none"          # none | full | dots: activation rematerialisation per block
   scan_layers: bool = True     # lax.scan over stacked blocks (compile time independent of depth)
+  # ---- architecture family (defaults: GPT-2)
+  family: str = "gpt2"         # gpt2 | llama | mistral | qwen2 | qwen3: the HF class `hf.save` writes
+  position: str = "learned"    # learned (table wpe) | rope (rotary, HF rotate_half convention)
+  norm: str = "layernorm"      # layernorm | rmsnorm
+  mlp: str = "gelu"            # gelu (tanh GELU, 1 up projection) | swiglu (silu(x@gate) * (x@up))
+  n_kv_head: int = 0           # 0 -> n_head; fewer K/V heads = GQA (1 = MQA)
+  qkv_bias: bool = True        # biases on the q/k/v projections
+  bias: bool = True            # biases on the attention output, the MLP and LayerNorm
+  qk_norm: bool = False        # Qwen3: RMSNorm over head_dim on q and k before RoPE
+  tie_embeddings: bool = True  # unembedding = wte; False adds lm_head [V, D]
+  rope_theta: float = 10000.0
+  rope_scaling: str = ""       # "" (none) | linear | llama3: rescaling of the RoPE inverse frequencies
+  rope_factor: float = 1.0     # linear / llama3 `factor`
+  rope_low_freq_factor: float = 1.0    # llama3
+  rope_high_freq_factor: float = 4.0   # llama3
+  rope_original_max_len: int = 0       # llama3 `original_max_position_embeddings`
 
   def __post_init__(self):
     if self.n_layer < 1 or self.n_head < 1 or self.d_model < 1 or self.vocab_size < 1:
@@ -35,10 +73,26 @@ class GPTConfig:
     if self.head_dim == 0 and self.d_model % self.n_head:
       raise ValueError(f"GPTConfig: d_model={self.d_model} is not divisible by n_head={self.n_head}; "
                        "set head_dim explicitly")
-    if self.remat not in ("none", "full", "dots"):
-      raise ValueError(f"GPTConfig.remat must be none|full|dots, got {self.remat!r}")
-    if self.dtype not in ("float32", "bfloat16", "float16"):
-      raise ValueError(f"GPTConfig.dtype must be float32|bfloat16|float16, got {self.dtype!r}")
+    _check_choice("remat", self.remat, REMATS)
+    _check_choice("dtype", self.dtype, DTYPES)
+    _check_choice("family", self.family, FAMILIES)
+    _check_choice("position", self.position, POSITIONS)
+    _check_choice("norm", self.norm, NORMS)
+    _check_choice("mlp", self.mlp, MLPS)
+    _check_choice("rope_scaling", self.rope_scaling, ROPE_SCALINGS)
+    if self.n_kv_head < 0 or self.n_head % self.kv_heads:
+      raise ValueError(f"GPTConfig: n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head} "
+                       "(0 = n_head)")
+    if self.position == "rope":
+      if self.d_head % 2:
+        raise ValueError(f"GPTConfig: RoPE needs an even head_dim, got {self.d_head}")
+      if self.rope_theta <= 0 or self.rope_factor <= 0:
+        raise ValueError(f"GPTConfig: rope_theta={self.rope_theta} and rope_factor={self.rope_factor} "
+                         "must be positive")
+      if self.rope_scaling == "llama3" and (
+          self.rope_original_max_len < 1 or self.rope_high_freq_factor <= self.rope_low_freq_factor):
+        raise ValueError("GPTConfig: llama3 rope scaling needs rope_original_max_len >= 1 and "
+                         "rope_high_freq_factor > rope_low_freq_factor")
 
   @property
   def d_head(self) -> int:
@@ -49,21 +103,43 @@ class GPTConfig:
     return self.d_ff or 4 * self.d_model
 
   @property
+  def kv_heads(self) -> int:
+    """Number of K/V heads (n_kv_head, or n_head when 0)."""
+    return self.n_kv_head or self.n_head
+
+  @property
   def compute_dtype(self):
     return jnp.dtype(self.dtype)
 
+  def _norm_params(self) -> int:
+    return self.d_model * (2 if self.norm == "layernorm" and self.bias else 1)
+
   def num_params(self) -> int:
-    """Parameter count (tied unembedding counted once), excluding any scalar head."""
-    d, h, dh, f = self.d_model, self.n_head, self.d_head, self.d_mlp
-    attn = d * 3 * h * dh + 3 * h * dh + h * dh * d + d
-    mlp = d * f + f + f * d + d
-    block = attn + mlp + 4 * d
-    final_ln = 2 * d if self.pre_ln else 0
-    return self.vocab_size * d + self.max_len * d + self.n_layer * block + final_ln
+    """Parameter count (a tied unembedding counted once), excluding any scalar head."""
+    d, h, kv, dh, f = self.d_model, self.n_head, self.kv_heads, self.d_head, self.d_mlp
+    attn = d * h * dh + d * 2 * kv * dh + h * dh * d
+    attn += (h * dh + 2 * kv * dh) * self.qkv_bias + d * self.bias + 2 * dh * self.qk_norm
+    n_up = 2 if self.mlp == "swiglu" else 1
+    mlp = n_up * d * f + f * d + (n_up * f + d) * self.bias
+    block = attn + mlp + 2 * self._norm_params()
+    final_norm = self._norm_params() if self.pre_ln else 0
+    return self._embedding_params() + self.n_layer * block + final_norm
+
+  def _embedding_params(self) -> int:
+    tables = 1 if self.tie_embeddings else 2
+    positions = self.max_len if self.position == "learned" else 0
+    return (tables * self.vocab_size + positions) * self.d_model
 
   def flops_per_token(self, seq_len: int) -> float:
-    """Training FLOPs per token: 6N (non-embedding matmuls) + attention (12 L T d_attn)."""
-    n = self.num_params() - self.max_len * self.d_model
+    """Training FLOPs per token: 6N (matmul params incl. the unembedding) + attention (12 L T H Dh).
+
+    N excludes the lookup tables: the position table, and the input table when an
+    untied lm_head does the unembedding.
+    """
+    lookups = self.max_len * self.d_model if self.position == "learned" else 0
+    if not self.tie_embeddings:
+      lookups += self.vocab_size * self.d_model
+    n = self.num_params() - lookups
     return 6.0 * n + 12.0 * self.n_layer * seq_len * self.n_head * self.d_head
 
   @classmethod

@@ -1,24 +1,50 @@
-"""Decoder-only GPT as pure functions over a parameter pytree.
+"""Decoder-only transformer (GPT-2 and the Llama family) as pure functions over a parameter pytree.
 
 The layers are Flax NNX modules (`layers.py`); this file turns them into pure
 functions: `init` returns a nested dict of float32 arrays, and every apply
 function merges that dict back into the modules inside the trace. Blocks are
-stacked on a leading layer axis and run with `lax.scan`.
+stacked on a leading layer axis L and run with `lax.scan`.
 
-Params layout:
-  {"wte": [V,D], "wpe": [P,D], "ln_f": {"scale","bias"} (pre-LN only),
-   "blocks": {"ln1", "attn": {"qkv_kernel" [L,D,3,H,Dh], ...}, "ln2", "mlp": {...}}}
+Params layout (one layout for every family; D = d_model, H = n_head,
+KV = kv heads, Dh = head_dim, F = d_ff, V = vocab, P = max_len; [?] = only
+with the config option named; logical axis names in parentheses):
+  wte        [V,D]        ("vocab","embed")
+  wpe        [P,D]        (None,"embed")                 [position="learned"]
+  ln_f       {"scale" [D], "bias" [D] (layernorm with bias)}  ("norm",)   [pre_ln]
+  lm_head    [V,D]        ("vocab","embed")              [tie_embeddings=False]
+  blocks:    every leaf has a leading [L] ("layers",)
+    ln1, ln2   {"scale" [D], "bias" [D] (layernorm with bias)}
+    attn:
+      q_kernel   [D,H,Dh]     ("embed","heads","head_dim")
+      kv_kernel  [D,2,KV,Dh]  ("embed",None,"kv_heads","head_dim")   (k | v)
+      q_bias     [H,Dh], kv_bias [2,KV,Dh]                           [qkv_bias]
+      out_kernel [H,Dh,D]     ("heads","head_dim","embed")
+      out_bias   [D]                                                 [bias]
+      q_norm, k_norm  {"scale" [Dh]}                                 [qk_norm]
+    mlp:
+      fc_kernel   [D,F] ("embed","mlp")   (= up_proj for swiglu)
+      gate_kernel [D,F] ("embed","mlp")                              [mlp="swiglu"]
+      proj_kernel [F,D] ("mlp","embed")
+      fc_bias / gate_bias [F], proj_bias [D]                         [bias]
+Query head h uses K/V head h // (H / KV). RoPE uses transformers' rotate_half
+convention, so HF q/k weights need no permutation.
 
 Public API:
   init(config, rng) -> params
+  param_axes(config) -> logical axis names mirroring `init`
   logits(params, config, tokens, attention_mask=None) -> float32 [B,T,V]
   hidden_states(...) -> [B,T,D] final (normalised) hidden states
   forward(...) -> (hidden, cache): the general entry, with KV cache and dropout
+  unembed(params, config, hidden) -> float32 logits
+  init_cache(config, batch_size, max_len) -> {"k","v": [L,B,S,KV,Dh]}
+  resize_vocab(params, config, new_vocab_size, new_ids) -> (config, params)
+  upgrade_legacy_params(params) -> params (fused qkv_kernel checkpoints -> this layout)
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +53,7 @@ from flax import nnx
 
 from rlhf_jax import parallel
 from rlhf_jax.model.config import GPTConfig, preset  # noqa: F401  (re-exported)
-from rlhf_jax.model.layers import Block, Embeddings, dropout, layer_norm
+from rlhf_jax.model.layers import Block, Embeddings, dropout, layer_norm, rms_norm, rope_tables
 
 Params = dict[str, Any]
 
@@ -44,7 +70,8 @@ def _graphdefs(cfg: GPTConfig):
 
 
 def init(config, rng) -> Params:
-  """Random GPT-2-style initialisation. rng: a jax PRNG key. Returns float32 params."""
+  """Random GPT-2-style initialisation: N(0, init_std), residual projections scaled by 1/sqrt(2L),
+  norms at scale 1 / bias 0. rng: a jax PRNG key. Returns float32 params in the layout above."""
   cfg = _as_config(config)
   k_emb, k_blk = jax.random.split(rng)
   params = nnx.to_pure_dict(nnx.split(Embeddings(cfg, nnx.Rngs(params=k_emb)))[1])
@@ -80,9 +107,28 @@ def check_tokens(tokens, config) -> None:
     raise ValueError(f"token id {bad} is out of range for vocab_size={config.vocab_size}")
 
 
-def _block_call(cfg, bp, x, mask, kv, cache_index, key):
+def _block_call(cfg, bp, x, mask, rope, kv, cache_index, key):
   graphdef = _graphdefs(cfg)[1][0]
-  return nnx.merge(graphdef, bp)(x, mask, kv, cache_index, key)
+  return nnx.merge(graphdef, bp)(x, mask, rope, kv, cache_index, key)
+
+
+def norm(p: Params, config, x):
+  """The config's norm with params p ({"scale"} or {"scale","bias"}) over x [..., D]."""
+  cfg = _as_config(config)
+  if cfg.norm == "rmsnorm":
+    return rms_norm(x, p["scale"], cfg.ln_eps)
+  bias = p["bias"] if "bias" in p else jnp.zeros_like(p["scale"])
+  return layer_norm(x, p["scale"], bias, cfg.ln_eps)
+
+
+def embed(params: Params, config, tokens, positions):
+  """tokens, positions int [B,T] -> [B,T,D] input embeddings in the compute dtype (before dropout)."""
+  cfg = _as_config(config)
+  dt = cfg.compute_dtype
+  x = params["wte"].astype(dt)[tokens]
+  if cfg.position == "learned":
+    x = x + params["wpe"].astype(dt)[positions]
+  return x
 
 
 def forward(params: Params, config, tokens, attention_mask=None, positions=None, cache=None,
@@ -93,15 +139,15 @@ def forward(params: Params, config, tokens, attention_mask=None, positions=None,
   attention_mask: without cache, [B,T] (1 = real, 0 = pad); with cache, [B,S] over cache slots
     (must already mark the T new slots as real).
   positions: int32 [B,T]; derived from the mask when None (no cache only).
-  cache: {"k","v": [L,B,S,H,Dh]} from `init_cache`; tokens are written at slots
+  cache: {"k","v": [L,B,S,KV,Dh]} from `init_cache`; tokens are written at slots
     [cache_index, cache_index+T) and attend to every real slot <= their own.
   dropout_rng: PRNG key to enable dropout (training); None = deterministic.
-  Returns (hidden [B,T,D] in the compute dtype after the final LN, new cache or None).
+  Positions index the learned table or rotate q/k (RoPE), in the cached path too.
+  Returns (hidden [B,T,D] in the compute dtype after the final norm, new cache or None).
   """
   cfg = _as_config(config)
   check_tokens(tokens, cfg)
   b, t = tokens.shape
-  dt = cfg.compute_dtype
   if cache is None:
     if attention_mask is None:
       attention_mask = jnp.ones((b, t), jnp.int32)
@@ -117,14 +163,15 @@ def forward(params: Params, config, tokens, attention_mask=None, positions=None,
     mask = (jnp.arange(s)[None, None, :] <= q_slot[None, :, None]) & (attention_mask[:, None, :] > 0)
 
   keys = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
-  x = (params["wte"].astype(dt)[tokens] + params["wpe"].astype(dt)[positions])
+  x = embed(params, cfg, tokens, positions)
+  rope = rope_tables(cfg, positions) if cfg.position == "rope" else None
   x = parallel.constrain(dropout(x, cfg.dropout, keys[0]), ("batch", "length", "embed"))
 
   layer_keys = None if keys[1] is None else jax.random.split(keys[1], cfg.n_layer)
 
   def body(x, xs):
     bp, kv, key = xs
-    x, kv = _block_call(cfg, bp, x, mask, kv, cache_index, key)
+    x, kv = _block_call(cfg, bp, x, mask, rope, kv, cache_index, key)
     return x, kv
 
   if cfg.remat != "none":
@@ -144,7 +191,7 @@ def forward(params: Params, config, tokens, attention_mask=None, positions=None,
     kvs = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
   if cfg.pre_ln:
-    x = layer_norm(x, params["ln_f"]["scale"], params["ln_f"]["bias"], cfg.ln_eps)
+    x = norm(params["ln_f"], cfg, x)
   new_cache = None if cache is None else {"k": kvs[0], "v": kvs[1]}
   return x, new_cache
 
@@ -155,9 +202,10 @@ def hidden_states(params: Params, config, tokens, attention_mask=None, dropout_r
 
 
 def unembed(params: Params, config, hidden):
-  """hidden [...,D] -> float32 logits [...,V] with the tied token table."""
+  """hidden [...,D] -> float32 logits [...,V] with wte (tied) or lm_head (tie_embeddings=False)."""
   cfg = _as_config(config)
-  logits = jnp.einsum("...d,vd->...v", hidden, params["wte"].astype(cfg.compute_dtype),
+  table = params["wte"] if cfg.tie_embeddings else params["lm_head"]
+  logits = jnp.einsum("...d,vd->...v", hidden, table.astype(cfg.compute_dtype),
                       preferred_element_type=jnp.float32)
   return parallel.constrain(logits, ("batch", "length", "vocab")) if logits.ndim == 3 else logits
 
@@ -172,14 +220,61 @@ def logits(params: Params, config, tokens, attention_mask=None, dropout_rng=None
 
 
 def init_cache(config, batch_size: int, max_len: int, dtype=None):
-  """Empty KV cache {"k","v": [L,B,S,H,Dh]} in the compute dtype (or `dtype`)."""
+  """Empty KV cache {"k","v": [L,B,S,KV,Dh]} in the compute dtype (or `dtype`)."""
   cfg = _as_config(config)
   if max_len > cfg.max_len:
     raise ValueError(f"cache length {max_len} exceeds the model's context window {cfg.max_len}")
-  shape = (cfg.n_layer, batch_size, max_len, cfg.n_head, cfg.d_head)
+  shape = (cfg.n_layer, batch_size, max_len, cfg.kv_heads, cfg.d_head)
   dtype = dtype or cfg.compute_dtype
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
 def num_params(params) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+# ------------------------------------------------------------ vocabulary resize
+def _mean_resized(table, new_rows: int, new_ids: np.ndarray):
+  """table [V,D] -> [new_rows,D]: appended rows and rows `new_ids` = the mean of the V old rows."""
+  mean = jnp.mean(table.astype(jnp.float32), axis=0).astype(table.dtype)
+  grown = jnp.concatenate([table, jnp.broadcast_to(mean, (new_rows - table.shape[0], table.shape[1]))])
+  return grown.at[new_ids].set(mean) if new_ids.size else grown
+
+
+def resize_vocab(params: Params, config, new_vocab_size: int, new_ids: Iterable[int] = ()):
+  """Grows the vocabulary for new tokens (e.g. chat-template specials), TRL / transformers style.
+
+  wte (and lm_head when untied) grow to new_vocab_size rows if that is larger; every
+  appended row and every row listed in new_ids (which may be existing, reserved ids)
+  is set to the mean of the table's rows before the resize. Other rows and params are
+  unchanged. Scalar models pass their trunk (params["gpt"]).
+  Returns (config with vocab_size = max(old, new_vocab_size), params).
+  """
+  cfg = _as_config(config)
+  old = params["wte"].shape[0]
+  size = max(old, int(new_vocab_size))
+  if int(new_vocab_size) < old:
+    raise ValueError(f"resize_vocab: cannot shrink the vocabulary from {old} to {new_vocab_size}")
+  ids = np.asarray(sorted(set(int(i) for i in new_ids)), np.int32)
+  if ids.size and (ids.min() < 0 or ids.max() >= size):
+    raise ValueError(f"resize_vocab: new_ids must lie in [0, {size}), got {ids.min()}..{ids.max()}")
+  out = {**params, "wte": _mean_resized(params["wte"], size, ids)}
+  if "lm_head" in params:
+    out["lm_head"] = _mean_resized(params["lm_head"], size, ids)
+  return dataclasses.replace(cfg, vocab_size=size), out
+
+
+def upgrade_legacy_params(params):
+  """Converts checkpoints with the former fused attention (qkv_kernel [L,D,3,H,Dh], qkv_bias
+  [L,3,H,Dh]) to q_kernel/kv_kernel (q_bias/kv_bias); any nesting (e.g. {"gpt": ...}).
+  Params already in the current layout are returned unchanged."""
+  if not isinstance(params, dict):
+    return params
+  out = {k: upgrade_legacy_params(v) for k, v in params.items()}
+  if "qkv_kernel" in out:
+    qkv = out.pop("qkv_kernel")
+    out["q_kernel"], out["kv_kernel"] = qkv[..., 0, :, :], qkv[..., 1:, :, :]
+  if "qkv_bias" in out:
+    b = out.pop("qkv_bias")
+    out["q_bias"], out["kv_bias"] = b[..., 0, :, :], b[..., 1:, :, :]
+  return out

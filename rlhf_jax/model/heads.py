@@ -3,7 +3,8 @@
 InstructGPT's reward model is the SFT model with the unembedding replaced by a
 scalar head; the token table stays as the input embedding. The value function
 starts from the reward model. Both are "scalar models" with params
-  {"gpt": <gpt params>, "head": {"kernel": [D], "bias": []}}.
+  {"gpt": <gpt params without lm_head>, "head": {"kernel": [D], "bias": []}}
+(an untied unembedding is dropped from the trunk: it is never used).
 The reward is read at one token per sequence (the last real token, i.e. the
 EOS that ends the response); values are read at every position.
 """
@@ -23,11 +24,16 @@ def init_head(d_model: int, rng) -> dict:
   return {"kernel": kernel, "bias": jnp.zeros((), jnp.float32)}
 
 
+def trunk(lm_params: dict) -> dict:
+  """A language model's params without its untied unembedding (lm_head), if any."""
+  return {k: v for k, v in lm_params.items() if k != "lm_head"}
+
+
 def init(config, rng) -> dict:
   """A randomly initialised scalar model (trunk + head)."""
   cfg = gpt.GPTConfig.from_dict(config)
   k1, k2 = jax.random.split(rng)
-  return {"gpt": gpt.init(cfg, k1), "head": init_head(cfg.d_model, k2)}
+  return {"gpt": trunk(gpt.init(cfg, k1)), "head": init_head(cfg.d_model, k2)}
 
 
 def from_lm(lm_params: dict, config, rng, zero_head: bool = False) -> dict:
@@ -36,11 +42,11 @@ def from_lm(lm_params: dict, config, rng, zero_head: bool = False) -> dict:
   head = init_head(cfg.d_model, rng)
   if zero_head:
     head = jax.tree.map(jnp.zeros_like, head)
-  return {"gpt": lm_params, "head": head}
+  return {"gpt": trunk(lm_params), "head": head}
 
 
 def param_axes(config) -> dict:
-  return {"gpt": gpt.param_axes(config), "head": {"kernel": ("embed",), "bias": ()}}
+  return {"gpt": trunk(gpt.param_axes(config)), "head": {"kernel": ("embed",), "bias": ()}}
 
 
 def last_token_index(attention_mask):
@@ -60,6 +66,9 @@ def rewards(params: dict, config, tokens, attention_mask, index=None, dropout_rn
   """Scalar reward per sequence, float32 [B], read at `index` [B] (default: last real token).
 
   tokens, attention_mask: [B,T] (prompt + response, any padding side).
+  transformers' *ForSequenceClassification instead reads the last token that is not
+  pad_token_id; the two agree when the pads are exactly the masked positions (the pad
+  id occurs nowhere in the real tokens), which is what `hf.save_reward_model` relies on.
   """
   hidden = gpt.hidden_states(params["gpt"], config, tokens, attention_mask, dropout_rng)
   if index is None:

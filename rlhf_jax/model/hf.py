@@ -1,38 +1,56 @@
-"""Hugging Face `transformers` GPT-2 checkpoints <-> our GPT params.
+"""Hugging Face `transformers` checkpoints <-> our params: GPT-2 and the Llama family.
 
-A transformers GPT-2 directory holds `config.json` plus the weights as
-`model.safetensors` (or a sharded `model.safetensors.index.json`) or, in older
-checkpoints, `pytorch_model.bin` (or its sharded index). GPT-2 uses Conv1D
-layers whose weights are stored [in, out], the same orientation as our
-kernels, so every tensor maps to ours by a reshape alone:
+Supported `architectures` (config.json): GPT2LMHeadModel / GPT2Model, and
+{Llama, Mistral, Qwen2, Qwen3}ForCausalLM with their *Model bases; language
+models load with `load` and save with `save` (the class is picked from
+`GPTConfig.family`). Reward models are *ForSequenceClassification with one
+label (`load_reward_model` / `save_reward_model`). Weights are read from
+`model.safetensors`, a sharded `model.safetensors.index.json`, or the legacy
+`pytorch_model.bin` (or its index); float32, float16 and bfloat16 tensors are
+converted to float32.
 
-  c_attn.weight [D, 3*H*Dh]  <-> attn.qkv_kernel [D, 3, H, Dh]  (q | k | v, heads major)
-  c_attn.bias   [3*H*Dh]     <-> attn.qkv_bias   [3, H, Dh]
-  c_proj.weight [H*Dh, D]    <-> attn.out_kernel [H, Dh, D]
-  mlp.c_fc / mlp.c_proj      <-> mlp.fc_* / mlp.proj_*         (unchanged)
-  ln_1 / ln_2 / ln_f weight  <-> ln1 / ln2 / ln_f scale
-
-Per-layer tensors `h.{i}.*` are stacked on our leading layer axis. The
-unembedding is tied to `wte` on both sides.
+Name mapping (per-layer HF names `{i}` stack on our leading layer axis):
+  GPT-2 (prefix `transformer.`; Conv1D weights are [in, out], like our kernels):
+    wte / wpe / ln_f                        <-> wte / wpe / ln_f {scale, bias}
+    h.{i}.ln_1, ln_2                        <-> blocks.ln1, ln2
+    h.{i}.attn.c_attn.weight [D, 3*H*Dh]    <-> attn.q_kernel [D,H,Dh] | attn.kv_kernel [D,2,H,Dh]
+    h.{i}.attn.c_attn.bias   [3*H*Dh]       <-> attn.q_bias [H,Dh] | attn.kv_bias [2,H,Dh]
+    h.{i}.attn.c_proj        [H*Dh, D]      <-> attn.out_kernel [H,Dh,D], out_bias
+    h.{i}.mlp.c_fc / c_proj                 <-> mlp.fc_* / mlp.proj_*
+  Llama family (prefix `model.`; torch Linear weights are [out, in]: transposed):
+    embed_tokens / norm / lm_head (top level) <-> wte / ln_f.scale / lm_head (untied only)
+    layers.{i}.input_layernorm, post_attention_layernorm <-> blocks.ln1, ln2 (scale)
+    self_attn.q_proj                         <-> attn.q_kernel [D,H,Dh] (q_bias)
+    self_attn.k_proj + v_proj                <-> attn.kv_kernel [D,2,KV,Dh] (kv_bias)
+    self_attn.o_proj                         <-> attn.out_kernel [H,Dh,D] (out_bias)
+    self_attn.q_norm / k_norm (Qwen3)        <-> attn.q_norm / k_norm (scale)
+    mlp.up_proj / gate_proj / down_proj      <-> mlp.fc_kernel / gate_kernel / proj_kernel
+  Sequence classification: score.weight [1, D] (top level) <-> head.kernel [D].
+RoPE uses the same rotate_half convention on both sides, so q/k need no permutation.
 
 Public API:
-  load_gpt2(path, dtype=None, strict=True) -> (GPTConfig, params)
-  save_gpt2(config, params, path, extra_config=None) -> Path
+  load(path, dtype=None, strict=True) -> (GPTConfig, params)
+  save(config, params, path, extra_config=None) -> Path
+  load_reward_model(path, dtype=None, strict=True) -> (GPTConfig, rm_params)
+  save_reward_model(config, rm_params, path, extra_config=None) -> Path
   config_from_hf(hf_config, source="config.json", dtype=None) -> GPTConfig
-  config_to_hf(config) -> dict
+  config_to_hf(config) -> dict (the *ForCausalLM / GPT2LMHeadModel config.json)
+  SUPPORTED_ARCHITECTURES
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.model import gpt
+from rlhf_jax.model import gpt, heads
 from rlhf_jax.model.config import GPTConfig
 
 log = logging.getLogger(__name__)
@@ -43,54 +61,197 @@ SAFE_INDEX = "model.safetensors.index.json"
 BIN_NAME = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
+_CLASS_PREFIX = {"gpt2": "GPT2", "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+_BASE_PREFIX = {"gpt2": "transformer."}  # every other family: "model."
+_LM_SUFFIX = {"gpt2": "LMHeadModel"}      # every other family: "ForCausalLM"
+
+
+def _lm_class(family: str) -> str:
+  return _CLASS_PREFIX[family] + _LM_SUFFIX.get(family, "ForCausalLM")
+
+
+def _cls_class(family: str) -> str:
+  return _CLASS_PREFIX[family] + "ForSequenceClassification"
+
+
+def _base_prefix(family: str) -> str:
+  return _BASE_PREFIX.get(family, "model.")
+
+
+# architecture name -> (family, kind); kind: lm | base | cls
+SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str]] = {}
+for _f in _CLASS_PREFIX:
+  SUPPORTED_ARCHITECTURES[_lm_class(_f)] = (_f, "lm")
+  SUPPORTED_ARCHITECTURES[_CLASS_PREFIX[_f] + "Model"] = (_f, "base")
+  SUPPORTED_ARCHITECTURES[_cls_class(_f)] = (_f, "cls")
+
 # All three are the tanh-approximated GELU our MLP computes.
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
-_PREFIX = "transformer."
-# Non-persistent attention buffers (causal mask, masked fill value) that old
-# checkpoints such as the original OpenAI release still contain.
-_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+# Non-persistent buffers that old checkpoints still contain: GPT-2's causal mask and masked
+# fill value (the original OpenAI release), Llama's rotary inverse frequencies.
+_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+_LM_HEAD = "lm_head.weight"
+_SCORE = "score.weight"
+_SCORE_BIAS = "score.bias"
+
+# transformers' config-class defaults for fields a config.json may omit.
+_LLAMA_DEFAULTS = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, max_position_embeddings=2048),
+    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096 * 32,
+                    sliding_window=4096),
+    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, max_position_embeddings=32768),
+    "qwen3": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, head_dim=128, max_position_embeddings=32768),
+}
+_ROPE_TYPES = ("default", "linear", "llama3")
 
 
 # ---------------------------------------------------------------- name table
-def _table(cfg: GPTConfig) -> list[tuple[str, tuple[str, ...], tuple[int, ...], tuple[int, ...]]]:
-  """(hf name without prefix, our path, hf shape, our shape); `{i}` marks per-layer names.
+@dataclasses.dataclass(frozen=True)
+class _Row:
+  """HF tensors <-> our params, possibly many-to-many (GPT-2's fused c_attn, Llama's k + v).
 
-  Per-layer "our shape" excludes the leading layer axis.
+  hf: names relative to the base prefix (`{i}` = per layer; lm_head / score are top level);
+  ours: param paths (per-layer ones start with "blocks" and exclude the layer axis in shapes).
+  to_ours(*hf arrays) -> tuple of our arrays; to_hf(*our arrays) -> tuple of HF arrays.
   """
-  d, h, dh, f = cfg.d_model, cfg.n_head, cfg.d_head, cfg.d_mlp
-  rows = [
-      ("wte.weight", ("wte",), (cfg.vocab_size, d), (cfg.vocab_size, d)),
-      ("wpe.weight", ("wpe",), (cfg.max_len, d), (cfg.max_len, d)),
-      ("ln_f.weight", ("ln_f", "scale"), (d,), (d,)),
-      ("ln_f.bias", ("ln_f", "bias"), (d,), (d,)),
-  ]
-  block = [
-      ("ln_1.weight", ("ln1", "scale"), (d,), (d,)),
-      ("ln_1.bias", ("ln1", "bias"), (d,), (d,)),
-      ("attn.c_attn.weight", ("attn", "qkv_kernel"), (d, 3 * h * dh), (d, 3, h, dh)),
-      ("attn.c_attn.bias", ("attn", "qkv_bias"), (3 * h * dh,), (3, h, dh)),
-      ("attn.c_proj.weight", ("attn", "out_kernel"), (h * dh, d), (h, dh, d)),
-      ("attn.c_proj.bias", ("attn", "out_bias"), (d,), (d,)),
-      ("ln_2.weight", ("ln2", "scale"), (d,), (d,)),
-      ("ln_2.bias", ("ln2", "bias"), (d,), (d,)),
-      ("mlp.c_fc.weight", ("mlp", "fc_kernel"), (d, f), (d, f)),
-      ("mlp.c_fc.bias", ("mlp", "fc_bias"), (f,), (f,)),
-      ("mlp.c_proj.weight", ("mlp", "proj_kernel"), (f, d), (f, d)),
-      ("mlp.c_proj.bias", ("mlp", "proj_bias"), (d,), (d,)),
-  ]
-  rows += [("h.{i}." + n, ("blocks",) + p, hs, os) for n, p, hs, os in block]
+  hf: tuple[str, ...]
+  hf_shapes: tuple[tuple[int, ...], ...]
+  ours: tuple[tuple[str, ...], ...]
+  to_ours: Callable[..., tuple]
+  to_hf: Callable[..., tuple]
+
+  @property
+  def per_layer(self) -> bool:
+    return "{i}" in self.hf[0]
+
+
+def _reshape(hf: str, hf_shape, ours, our_shape) -> _Row:
+  """Same orientation, reshape only (GPT-2 Conv1D weights, biases, norms, embeddings)."""
+  return _Row((hf,), (tuple(hf_shape),), (ours,), lambda x: (x.reshape(our_shape),),
+              lambda y: (y.reshape(hf_shape),))
+
+
+def _linear(hf: str, ours, in_shape, out_shape) -> _Row:
+  """torch Linear weight [out, in] <-> our kernel [*in_shape, *out_shape]."""
+  n_in, n_out = math.prod(in_shape), math.prod(out_shape)
+  return _Row((hf,), ((n_out, n_in),), (ours,), lambda x: (x.T.reshape(*in_shape, *out_shape),),
+              lambda y: (y.reshape(n_in, n_out).T,))
+
+
+def _split_last(hf: str, hf_shape, parts) -> _Row:
+  """One HF tensor whose last axis concatenates several of ours (GPT-2 c_attn = q | k | v)."""
+  lead = tuple(hf_shape[:-1])
+  sizes = [math.prod(shape[len(lead):]) for _, shape in parts]
+  cuts = np.cumsum(sizes)[:-1]
+
+  def to_ours(x):
+    return tuple(piece.reshape(shape) for piece, (_, shape) in zip(np.split(x, cuts, axis=-1), parts))
+
+  def to_hf(*ys):
+    return (np.concatenate([y.reshape(*lead, -1) for y in ys], axis=-1),)
+  return _Row((hf,), (tuple(hf_shape),), tuple(p for p, _ in parts), to_ours, to_hf)
+
+
+def _kv_rows(pre: str, d: int, kv: int, dh: int, with_bias: bool) -> list[_Row]:
+  """k_proj + v_proj (weights [KV*Dh, D], biases [KV*Dh]) <-> kv_kernel [D,2,KV,Dh] (kv_bias [2,KV,Dh])."""
+  names = (pre + "k_proj.weight", pre + "v_proj.weight")
+  rows = [_Row(names, ((kv * dh, d),) * 2, (("blocks", "attn", "kv_kernel"),),
+               lambda k, v: (np.stack([k.T.reshape(d, kv, dh), v.T.reshape(d, kv, dh)], axis=1),),
+               lambda y: (y[:, 0].reshape(d, kv * dh).T, y[:, 1].reshape(d, kv * dh).T))]
+  if with_bias:
+    names = (pre + "k_proj.bias", pre + "v_proj.bias")
+    rows.append(_Row(names, ((kv * dh,),) * 2, (("blocks", "attn", "kv_bias"),),
+                     lambda k, v: (np.stack([k.reshape(kv, dh), v.reshape(kv, dh)]),),
+                     lambda y: (y[0].reshape(-1), y[1].reshape(-1))))
   return rows
 
 
-def _check_layout(cfg: GPTConfig, params: Mapping, what: str) -> None:
-  """Tree structure and shapes of `params` must equal `gpt.init`'s for `cfg`."""
+def _gpt2_rows(cfg: GPTConfig) -> list[_Row]:
+  d, h, dh, f = cfg.d_model, cfg.n_head, cfg.d_head, cfg.d_mlp
+  blk = lambda *p: ("blocks",) + p
+  rows = [
+      _reshape("wte.weight", (cfg.vocab_size, d), ("wte",), (cfg.vocab_size, d)),
+      _reshape("wpe.weight", (cfg.max_len, d), ("wpe",), (cfg.max_len, d)),
+      _reshape("ln_f.weight", (d,), ("ln_f", "scale"), (d,)),
+      _reshape("ln_f.bias", (d,), ("ln_f", "bias"), (d,)),
+  ]
+  pre = "h.{i}."
+  rows += [
+      _reshape(pre + "ln_1.weight", (d,), blk("ln1", "scale"), (d,)),
+      _reshape(pre + "ln_1.bias", (d,), blk("ln1", "bias"), (d,)),
+      _split_last(pre + "attn.c_attn.weight", (d, 3 * h * dh),
+                  [(blk("attn", "q_kernel"), (d, h, dh)), (blk("attn", "kv_kernel"), (d, 2, h, dh))]),
+      _split_last(pre + "attn.c_attn.bias", (3 * h * dh,),
+                  [(blk("attn", "q_bias"), (h, dh)), (blk("attn", "kv_bias"), (2, h, dh))]),
+      _reshape(pre + "attn.c_proj.weight", (h * dh, d), blk("attn", "out_kernel"), (h, dh, d)),
+      _reshape(pre + "attn.c_proj.bias", (d,), blk("attn", "out_bias"), (d,)),
+      _reshape(pre + "ln_2.weight", (d,), blk("ln2", "scale"), (d,)),
+      _reshape(pre + "ln_2.bias", (d,), blk("ln2", "bias"), (d,)),
+      _reshape(pre + "mlp.c_fc.weight", (d, f), blk("mlp", "fc_kernel"), (d, f)),
+      _reshape(pre + "mlp.c_fc.bias", (f,), blk("mlp", "fc_bias"), (f,)),
+      _reshape(pre + "mlp.c_proj.weight", (f, d), blk("mlp", "proj_kernel"), (f, d)),
+      _reshape(pre + "mlp.c_proj.bias", (d,), blk("mlp", "proj_bias"), (d,)),
+  ]
+  return rows
+
+
+def _llama_rows(cfg: GPTConfig) -> list[_Row]:
+  d, h, kv, dh, f = cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.d_head, cfg.d_mlp
+  blk = lambda *p: ("blocks",) + p
+  rows = [_reshape("embed_tokens.weight", (cfg.vocab_size, d), ("wte",), (cfg.vocab_size, d)),
+          _reshape("norm.weight", (d,), ("ln_f", "scale"), (d,))]
+  pre = "layers.{i}."
+  att = pre + "self_attn."
+  rows += [_reshape(pre + "input_layernorm.weight", (d,), blk("ln1", "scale"), (d,)),
+           _reshape(pre + "post_attention_layernorm.weight", (d,), blk("ln2", "scale"), (d,)),
+           _linear(att + "q_proj.weight", blk("attn", "q_kernel"), (d,), (h, dh))]
+  rows += _kv_rows(att, d, kv, dh, cfg.qkv_bias)
+  if cfg.qkv_bias:
+    rows.append(_reshape(att + "q_proj.bias", (h * dh,), blk("attn", "q_bias"), (h, dh)))
+  rows.append(_linear(att + "o_proj.weight", blk("attn", "out_kernel"), (h, dh), (d,)))
+  if cfg.bias:
+    rows.append(_reshape(att + "o_proj.bias", (d,), blk("attn", "out_bias"), (d,)))
+  if cfg.qk_norm:
+    rows += [_reshape(att + "q_norm.weight", (dh,), blk("attn", "q_norm", "scale"), (dh,)),
+             _reshape(att + "k_norm.weight", (dh,), blk("attn", "k_norm", "scale"), (dh,))]
+  for hf_name, ours, n_in, n_out in (("up_proj", "fc", d, f), ("gate_proj", "gate", d, f),
+                                     ("down_proj", "proj", f, d)):
+    rows.append(_linear(f"{pre}mlp.{hf_name}.weight", blk("mlp", ours + "_kernel"), (n_in,), (n_out,)))
+    if cfg.bias:
+      rows.append(_reshape(f"{pre}mlp.{hf_name}.bias", (n_out,), blk("mlp", ours + "_bias"), (n_out,)))
+  return rows
+
+
+def _table(cfg: GPTConfig, lm_head: bool = True) -> list[_Row]:
+  """The rows for cfg's family; `lm_head` adds the untied unembedding (top-level `lm_head.weight`)."""
+  rows = _gpt2_rows(cfg) if cfg.family == "gpt2" else _llama_rows(cfg)
+  if lm_head and not cfg.tie_embeddings:
+    rows.append(_reshape(_LM_HEAD, (cfg.vocab_size, cfg.d_model), ("lm_head",), (cfg.vocab_size, cfg.d_model)))
+  return rows
+
+
+def _top_level(name: str) -> bool:
+  return name in (_LM_HEAD, _SCORE, _SCORE_BIAS)
+
+
+def _expected_shapes(cfg: GPTConfig, lm: bool) -> dict:
   want = jax.eval_shape(lambda k: gpt.init(cfg, k), jax.random.key(0))
+  return want if lm else heads.trunk(want)
+
+
+def _check_layout(cfg: GPTConfig, params: Mapping, what: str, lm: bool = True) -> None:
+  """Tree structure and shapes of `params` must equal `gpt.init`'s for `cfg` (without lm_head: lm=False)."""
+  want = _expected_shapes(cfg, lm)
   want_flat = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(want)}
   got_flat = {jax.tree_util.keystr(p): tuple(np.shape(x))
               for p, x in jax.tree_util.tree_leaves_with_path(params)}
   missing, extra = sorted(set(want_flat) - set(got_flat)), sorted(set(got_flat) - set(want_flat))
   if missing or extra:
-    raise ValueError(f"{what}: params do not match the GPT layout for {cfg}: "
+    raise ValueError(f"{what}: params do not match the layout for {cfg}: "
                      f"missing {missing}, unexpected {extra}")
   for k, shape in want_flat.items():
     if got_flat[k] != tuple(shape):
@@ -98,16 +259,44 @@ def _check_layout(cfg: GPTConfig, params: Mapping, what: str) -> None:
 
 
 # -------------------------------------------------------------------- config
+def _architecture(hf: Mapping[str, Any], source: str) -> tuple[str, str | None]:
+  """(family, kind or None) from `architectures` (checked against model_type) or model_type alone."""
+  archs = hf.get("architectures") or []
+  model_type = hf.get("model_type")
+  supported = sorted(SUPPORTED_ARCHITECTURES)
+  if archs:
+    arch = archs[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+      raise ValueError(f"{source}: architectures={list(archs)!r} is not supported; supported "
+                       f"architectures: {supported}")
+    family, kind = SUPPORTED_ARCHITECTURES[arch]
+    if model_type is not None and model_type != family:
+      raise ValueError(f"{source}: model_type is {model_type!r}, but architectures={list(archs)!r} is a "
+                       f"{family!r} model")
+    return family, kind
+  if model_type not in _CLASS_PREFIX:
+    raise ValueError(f"{source}: model_type is {model_type!r} and there is no `architectures` entry; "
+                     f"supported model types: {sorted(_CLASS_PREFIX)} (architectures: {supported})")
+  return model_type, None
+
+
 def config_from_hf(hf: Mapping[str, Any], source: str = CONFIG_NAME, dtype=None) -> GPTConfig:
-  """Maps a transformers GPT2Config dict to a GPTConfig; `source` names the file in errors.
+  """Maps a transformers config.json dict to a GPTConfig; `source` names the file in errors.
 
   dtype: compute dtype of the returned config (None -> float32); params are float32 regardless.
-  Raises ValueError for another architecture or a GPT-2 variant our model does not compute.
+  Raises ValueError for an unsupported architecture or a variant our model does not compute
+  (other activations, rope types such as yarn / dynamic, partial rotary, ...).
   """
-  model_type = hf.get("model_type")
-  if model_type != "gpt2":
-    raise ValueError(f"{source}: model_type is {model_type!r}; only 'gpt2' checkpoints can be "
-                     "imported into this GPT")
+  family, _ = _architecture(hf, source)
+  dtype = jnp.dtype(dtype).name if dtype is not None else "float32"
+  fields = _gpt2_fields(hf, source) if family == "gpt2" else _llama_fields(hf, family, source)
+  try:
+    return GPTConfig(family=family, dtype=dtype, **fields)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{source}: cannot build a GPTConfig: {e}") from e
+
+
+def _gpt2_fields(hf: Mapping[str, Any], source: str) -> dict:
   act = hf.get("activation_function", "gelu_new")
   if act not in _TANH_GELUS:
     raise ValueError(f"{source}: activation_function={act!r} is not supported; this GPT computes "
@@ -124,40 +313,162 @@ def config_from_hf(hf: Mapping[str, Any], source: str = CONFIG_NAME, dtype=None)
   if n_embd % n_head:
     raise ValueError(f"{source}: n_embd={n_embd} is not divisible by n_head={n_head}")
   n_inner = hf.get("n_inner")
-  try:
-    return GPTConfig(
-        vocab_size=int(hf.get("vocab_size", 50257)),
-        max_len=int(hf.get("n_positions", 1024)),
-        n_layer=int(hf.get("n_layer", 12)),
-        n_head=n_head,
-        d_model=n_embd,
-        d_ff=int(n_inner) if n_inner is not None else 0,
-        pre_ln=True,
-        # One rate for all three sites; GPT-2 checkpoints use the same value for each.
-        dropout=float(hf.get("resid_pdrop", 0.1)),
-        ln_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-        init_std=float(hf.get("initializer_range", 0.02)),
-        dtype=jnp.dtype(dtype).name if dtype is not None else "float32",
-    )
-  except (ValueError, TypeError) as e:
-    raise ValueError(f"{source}: cannot build a GPTConfig: {e}") from e
+  return dict(
+      vocab_size=int(hf.get("vocab_size", 50257)),
+      max_len=int(hf.get("n_positions", 1024)),
+      n_layer=int(hf.get("n_layer", 12)),
+      n_head=n_head,
+      d_model=n_embd,
+      d_ff=int(n_inner) if n_inner is not None else 0,
+      pre_ln=True,
+      # One rate for all three sites; GPT-2 checkpoints use the same value for each.
+      dropout=float(hf.get("resid_pdrop", 0.1)),
+      ln_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+      init_std=float(hf.get("initializer_range", 0.02)),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+  )
+
+
+def _llama_fields(hf: Mapping[str, Any], family: str, source: str) -> dict:
+  get = lambda k: hf.get(k, _LLAMA_DEFAULTS[family].get(k))
+  act = hf.get("hidden_act", "silu")
+  if act != "silu":
+    raise ValueError(f"{source}: hidden_act={act!r} is not supported; the SwiGLU MLP computes silu")
+  d, n_head = int(get("hidden_size")), int(get("num_attention_heads"))
+  n_kv = int(get("num_key_value_heads") or n_head)
+  head_dim = int(get("head_dim") or d // n_head)
+  biases = _llama_biases(hf, family, source)
+  return dict(
+      vocab_size=int(get("vocab_size")),
+      max_len=_context_window(hf, family, source, int(get("max_position_embeddings"))),
+      n_layer=int(get("num_hidden_layers")),
+      n_head=n_head,
+      n_kv_head=0 if n_kv == n_head else n_kv,
+      d_model=d,
+      head_dim=0 if d % n_head == 0 and head_dim == d // n_head else head_dim,
+      d_ff=int(get("intermediate_size")),
+      pre_ln=True,
+      # Llama-family models only have attention dropout; our one rate also covers the
+      # embedding and residual sites (0 in every released checkpoint).
+      dropout=float(hf.get("attention_dropout", 0.0) or 0.0),
+      ln_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      init_std=float(hf.get("initializer_range", 0.02)),
+      position="rope", norm="rmsnorm", mlp="swiglu",
+      qk_norm=family == "qwen3",
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      **biases,
+      **_rope_fields(hf, source),
+  )
+
+
+def _llama_biases(hf: Mapping[str, Any], family: str, source: str) -> dict:
+  """qkv_bias / bias per family: Qwen2 always has q/k/v biases only; Llama / Qwen3 use
+  attention_bias for q, k, v and o (and Llama's mlp_bias must agree); Mistral has none."""
+  if family == "qwen2":
+    return dict(qkv_bias=True, bias=False)
+  if family == "mistral":
+    return dict(qkv_bias=False, bias=False)
+  attn = bool(hf.get("attention_bias", False))
+  mlp = bool(hf.get("mlp_bias", False))
+  if family == "llama" and mlp != attn:
+    raise ValueError(f"{source}: attention_bias={attn} with mlp_bias={mlp} is not supported (this model "
+                     "has one `bias` switch for the attention output and the MLP)")
+  return dict(qkv_bias=attn, bias=attn)
+
+
+def _context_window(hf: Mapping[str, Any], family: str, source: str, max_len: int) -> int:
+  """max_position_embeddings, capped at a sliding window smaller than it (Mistral; Qwen with
+  use_sliding_window): below the window, full causal attention is exactly sliding attention."""
+  if family == "mistral":
+    window = hf.get("sliding_window", _LLAMA_DEFAULTS["mistral"]["sliding_window"])
+  elif family in ("qwen2", "qwen3") and hf.get("use_sliding_window", False):
+    window = hf.get("sliding_window", 4096)
+  else:
+    window = None
+  if window and int(window) < max_len:
+    log.warning("%s: sliding_window=%d < max_position_embeddings=%d; capping max_len at %d, where full "
+                "attention equals sliding-window attention", source, int(window), max_len, int(window))
+    return int(window)
+  return max_len
+
+
+def _rope_fields(hf: Mapping[str, Any], source: str) -> dict:
+  """GPTConfig rope_* fields from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling`."""
+  params = hf.get("rope_parameters")
+  if not params:
+    params = dict(hf.get("rope_scaling") or {})
+  params = dict(params)
+  if any(isinstance(v, Mapping) for v in params.values()):
+    raise ValueError(f"{source}: per-layer-type rope_parameters are not supported")
+  theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  rope_type = params.get("rope_type", params.get("type", "default"))
+  partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+  if partial is not None and float(partial) != 1.0:
+    raise ValueError(f"{source}: partial_rotary_factor={partial} is not supported (full-dimension RoPE only)")
+  if rope_type not in _ROPE_TYPES:
+    raise ValueError(f"{source}: rope type {rope_type!r} is not supported; supported rope types: "
+                     f"{list(_ROPE_TYPES)}")
+  out = dict(rope_theta=theta)
+  if rope_type == "linear":
+    out.update(rope_scaling="linear", rope_factor=float(params["factor"]))
+  elif rope_type == "llama3":
+    original = params.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
+    out.update(rope_scaling="llama3", rope_factor=float(params["factor"]),
+               rope_low_freq_factor=float(params["low_freq_factor"]),
+               rope_high_freq_factor=float(params["high_freq_factor"]),
+               rope_original_max_len=int(original))
+  return out
+
+
+# Fields a family's HF class fixes (None: anything; checked by config_to_hf).
+_FIXED = {
+    "gpt2": dict(position="learned", norm="layernorm", mlp="gelu", qkv_bias=True, bias=True, qk_norm=False),
+    "llama": dict(position="rope", norm="rmsnorm", mlp="swiglu", qk_norm=False),
+    "mistral": dict(position="rope", norm="rmsnorm", mlp="swiglu", qkv_bias=False, bias=False, qk_norm=False),
+    "qwen2": dict(position="rope", norm="rmsnorm", mlp="swiglu", qkv_bias=True, bias=False, qk_norm=False),
+    "qwen3": dict(position="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True),
+}
+
+
+def _check_exportable(cfg: GPTConfig) -> None:
+  cls = _lm_class(cfg.family)
+  if not cfg.pre_ln:
+    raise ValueError(f"save: a post-LN (GPT-1, pre_ln=False) model cannot be exported as {cls}, which is "
+                     "pre-LN with a final norm")
+  wrong = {k: getattr(cfg, k) for k, v in _FIXED[cfg.family].items() if getattr(cfg, k) != v}
+  if wrong:
+    raise ValueError(f"save: family={cfg.family!r} ({cls}) needs {_FIXED[cfg.family]}, but the config has "
+                     f"{wrong}; set `family` to the architecture these settings describe")
+  if cfg.family in ("llama", "qwen3") and cfg.qkv_bias != cfg.bias:
+    raise ValueError(f"save: {cls} has one attention_bias for q/k/v and the output; got qkv_bias="
+                     f"{cfg.qkv_bias}, bias={cfg.bias}")
+  if cfg.family == "gpt2":
+    if cfg.d_head * cfg.n_head != cfg.d_model:
+      raise ValueError(f"save: head_dim*n_head = {cfg.d_head}*{cfg.n_head} != d_model={cfg.d_model}; "
+                       "transformers GPT-2 requires head_dim = n_embd / n_head")
+    if cfg.kv_heads != cfg.n_head:
+      raise ValueError(f"save: GPT-2 has no grouped-query attention (n_kv_head={cfg.n_kv_head})")
 
 
 def config_to_hf(config) -> dict[str, Any]:
-  """GPTConfig -> a transformers GPT2Config dict (GPT2LMHeadModel, tied embeddings, float32)."""
+  """GPTConfig -> the config.json dict of its family's LM class (float32).
+
+  Raises ValueError for configs that class cannot express (see `_FIXED`).
+  """
   cfg = GPTConfig.from_dict(config)
-  if not cfg.pre_ln:
-    raise ValueError("save_gpt2: a post-LN (GPT-1, pre_ln=False) model cannot be exported as GPT-2, "
-                     "which is pre-LN with a final LayerNorm")
-  if cfg.d_head * cfg.n_head != cfg.d_model:
-    raise ValueError(f"save_gpt2: head_dim*n_head = {cfg.d_head}*{cfg.n_head} != d_model={cfg.d_model}; "
-                     "transformers GPT-2 requires head_dim = n_embd / n_head")
+  _check_exportable(cfg)
+  hf = _gpt2_hf(cfg) if cfg.family == "gpt2" else _llama_hf(cfg)
+  hf.update({"architectures": [_lm_class(cfg.family)], "model_type": cfg.family, "dtype": "float32",
+             "torch_dtype": "float32", "tie_word_embeddings": cfg.tie_embeddings,
+             "initializer_range": cfg.init_std})
+  return hf
+
+
+def _gpt2_hf(cfg: GPTConfig) -> dict[str, Any]:
   # 50256 is GPT-2 BPE's <|endoftext|>; for other vocabularies leave the ids unset
   # rather than inherit an out-of-range default.
   eot = 50256 if cfg.vocab_size == 50257 else None
   return {
-      "architectures": ["GPT2LMHeadModel"],
-      "model_type": "gpt2",
       "vocab_size": cfg.vocab_size,
       "n_positions": cfg.max_len,
       "n_embd": cfg.d_model,
@@ -169,16 +480,60 @@ def config_to_hf(config) -> dict[str, Any]:
       "embd_pdrop": cfg.dropout,
       "attn_pdrop": cfg.dropout,
       "layer_norm_epsilon": cfg.ln_eps,
-      "initializer_range": cfg.init_std,
       "scale_attn_weights": True,
       "scale_attn_by_inverse_layer_idx": False,
       "reorder_and_upcast_attn": False,
       "add_cross_attention": False,
-      "tie_word_embeddings": True,
       "bos_token_id": eot,
       "eos_token_id": eot,
-      "dtype": "float32",
   }
+
+
+def _rope_hf(cfg: GPTConfig) -> tuple[dict, dict | None]:
+  """(rope_parameters, legacy rope_scaling or None)."""
+  scaling = None
+  if cfg.rope_scaling == "linear":
+    scaling = {"rope_type": "linear", "factor": cfg.rope_factor}
+  elif cfg.rope_scaling == "llama3":
+    scaling = {"rope_type": "llama3", "factor": cfg.rope_factor, "low_freq_factor": cfg.rope_low_freq_factor,
+               "high_freq_factor": cfg.rope_high_freq_factor,
+               "original_max_position_embeddings": cfg.rope_original_max_len}
+  params = {"rope_type": "default", **(scaling or {}), "rope_theta": cfg.rope_theta}
+  return params, scaling
+
+
+def _llama_hf(cfg: GPTConfig) -> dict[str, Any]:
+  rope_parameters, rope_scaling = _rope_hf(cfg)
+  hf = {
+      "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.d_model,
+      "intermediate_size": cfg.d_mlp,
+      "num_hidden_layers": cfg.n_layer,
+      "num_attention_heads": cfg.n_head,
+      "num_key_value_heads": cfg.kv_heads,
+      "head_dim": cfg.d_head,
+      "hidden_act": "silu",
+      "max_position_embeddings": cfg.max_len,
+      "rms_norm_eps": cfg.ln_eps,
+      "attention_dropout": cfg.dropout,
+      "rope_parameters": rope_parameters,
+      "rope_theta": cfg.rope_theta,
+      "rope_scaling": rope_scaling,
+      "use_cache": True,
+      "bos_token_id": None,
+      "eos_token_id": None,
+      "pad_token_id": None,
+  }
+  if cfg.family == "llama":
+    hf.update(attention_bias=cfg.bias, mlp_bias=cfg.bias, pretraining_tp=1)
+  elif cfg.family == "mistral":
+    hf.update(sliding_window=None)
+  else:  # qwen2, qwen3: full attention in every layer
+    hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer,
+              layer_types=["full_attention"] * cfg.n_layer)
+    if cfg.family == "qwen3":
+      hf.update(attention_bias=cfg.bias)
+  return hf
 
 
 # ------------------------------------------------------------------- reading
@@ -224,12 +579,14 @@ def _read_weights(directory: Path) -> tuple[dict[str, np.ndarray], dict[str, str
       if not isinstance(weight_map, Mapping):
         raise ValueError(f"{directory / index}: no 'weight_map' object")
       files = sorted(set(weight_map.values()))
+      missing = [name for name in files if not (directory / name).is_file()]
+      if missing:
+        raise FileNotFoundError(f"{directory}: weight shard(s) {missing} listed in {directory / index} "
+                                "are missing")
     else:
       continue
     tensors, origin = {}, {}
     for name in files:
-      if not (directory / name).is_file():
-        raise FileNotFoundError(f"{directory}: weight shard {name!r} listed in the index is missing")
       for k, v in reader(directory / name).items():
         tensors[k], origin[k] = v, name
     return tensors, origin
@@ -237,115 +594,239 @@ def _read_weights(directory: Path) -> tuple[dict[str, np.ndarray], dict[str, str
                           f"{SAFE_NAME}, {SAFE_INDEX}, {BIN_NAME}, {BIN_INDEX}")
 
 
-def load_gpt2(path, dtype=None, strict: bool = True):
-  """Imports a transformers GPT-2 checkpoint directory.
-
-  path: directory with config.json and model.safetensors / pytorch_model.bin (or
-    their sharded index). Names may carry the `transformer.` prefix
-    (GPT2LMHeadModel) or not (GPT2Model); a tied `lm_head.weight` is accepted.
-  dtype: compute dtype stored in the returned config (None -> "float32").
-  strict: if False, tensors that are not part of the language model (e.g. a
-    classification `score.weight`) are skipped and their count logged;
-    if True they are an error.
-  Returns (GPTConfig, params) with float32 jax arrays laid out as `gpt.init`'s.
-  """
+def _read_config(path, what: str) -> tuple[Path, Path, dict]:
   directory = Path(path)
   if not directory.is_dir():
-    raise FileNotFoundError(f"load_gpt2: {directory} is not a directory")
+    raise FileNotFoundError(f"{what}: {directory} is not a directory")
   cfg_file = directory / CONFIG_NAME
   if not cfg_file.is_file():
     raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}")
-  hf = _read_json(cfg_file)
-  cfg = config_from_hf(hf, source=str(cfg_file), dtype=dtype)
+  return directory, cfg_file, _read_json(cfg_file)
 
-  raw, origin = _read_weights(directory)
-  tensors = {}
-  for k, v in raw.items():
-    name = k[len(_PREFIX):] if k.startswith(_PREFIX) else k
-    if name in tensors:
-      raise ValueError(f"{directory}: tensor {name!r} appears both with and without {_PREFIX!r}")
-    tensors[name] = v
-    origin[name] = origin[k]
-  where = lambda n: f"{directory / origin[n]}"
 
-  used = set()
+class _Checkpoint:
+  """The checkpoint's tensors by name relative to the base prefix (top-level names kept)."""
 
-  def take(name, hf_shape, our_shape):
-    if name not in tensors:
-      raise ValueError(f"{directory}: tensor {name!r} is missing from the checkpoint")
-    x = tensors[name]
-    if tuple(x.shape) != hf_shape:
-      raise ValueError(f"{where(name)}: tensor {name!r} has shape {tuple(x.shape)}, expected "
-                       f"{hf_shape} from {cfg_file}")
-    used.add(name)
-    return np.asarray(x, np.float32).reshape(our_shape)
+  def __init__(self, directory: Path, cfg_file: Path, family: str):
+    raw, origin = _read_weights(directory)
+    prefix = _base_prefix(family)
+    self.directory, self.cfg_file = directory, cfg_file
+    self.tensors: dict[str, np.ndarray] = {}
+    self.origin: dict[str, str] = {}
+    for k, v in raw.items():
+      name = k[len(prefix):] if k.startswith(prefix) else k
+      if name in self.tensors:
+        raise ValueError(f"{directory}: tensor {name!r} appears both with and without {prefix!r}")
+      self.tensors[name], self.origin[name] = v, origin[k]
+    self.used: set[str] = set()
 
-  params: dict[str, Any] = {}
-  for name, ours, hf_shape, our_shape in _table(cfg):
-    if "{i}" in name:
-      value = np.stack([take(name.format(i=i), hf_shape, our_shape) for i in range(cfg.n_layer)])
-    else:
-      value = take(name, hf_shape, our_shape)
-    node = params
-    for p in ours[:-1]:
-      node = node.setdefault(p, {})
-    node[ours[-1]] = value
+  def where(self, name: str) -> str:
+    return str(self.directory / self.origin[name])
 
-  # Our unembedding is tied to wte, so a separate head must equal it.
-  head = tensors.get("lm_head.weight")
-  if head is not None:
-    used.add("lm_head.weight")
-    if head.shape != tensors["wte.weight"].shape or not np.array_equal(head, tensors["wte.weight"]):
-      raise ValueError(f"{where('lm_head.weight')}: lm_head.weight differs from wte.weight; "
-                       "untied output embeddings are not supported")
-  elif hf.get("tie_word_embeddings", True) is False:
-    raise ValueError(f"{cfg_file}: tie_word_embeddings=false but the checkpoint has no lm_head.weight")
+  def take(self, name: str, shape) -> np.ndarray:
+    if name not in self.tensors:
+      raise ValueError(f"{self.directory}: tensor {name!r} is missing from the checkpoint")
+    x = self.tensors[name]
+    if tuple(x.shape) != tuple(shape):
+      raise ValueError(f"{self.where(name)}: tensor {name!r} has shape {tuple(x.shape)}, expected "
+                       f"{tuple(shape)} from {self.cfg_file}")
+    self.used.add(name)
+    return np.asarray(x, np.float32)
 
-  leftover = sorted(n for n in tensors if n not in used and not n.endswith(_BUFFER_SUFFIXES))
-  if leftover:
+  def check_leftover(self, strict: bool, what: str) -> None:
+    leftover = sorted(n for n in self.tensors if n not in self.used and not n.endswith(_BUFFER_SUFFIXES))
+    if not leftover:
+      return
     if strict:
-      raise ValueError(f"{directory}: {len(leftover)} tensor(s) are not part of a GPT-2 language "
-                       f"model: {leftover[:8]}{' ...' if len(leftover) > 8 else ''} "
-                       "(pass strict=False to skip them)")
-    log.warning("load_gpt2(%s): skipped %d tensor(s) outside the language model: %s",
-                directory, len(leftover), leftover)
-  _check_layout(cfg, params, f"load_gpt2({directory})")
+      raise ValueError(f"{self.directory}: {len(leftover)} tensor(s) are not part of {what}: "
+                       f"{leftover[:8]}{' ...' if len(leftover) > 8 else ''} (pass strict=False to skip them)")
+    log.warning("%s: skipped %d tensor(s) outside %s: %s", self.directory, len(leftover), what, leftover)
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+  for p in path[:-1]:
+    tree = tree.setdefault(p, {})
+  tree[path[-1]] = value
+
+
+def _get(tree: Mapping, path: tuple[str, ...]):
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
+def _params_from(ckpt: _Checkpoint, cfg: GPTConfig, lm: bool) -> dict:
+  """Our params (numpy float32) for every row of cfg's table (lm: with an untied lm_head)."""
+  params: dict[str, Any] = {}
+  for row in _table(cfg, lm_head=lm):
+    layers = range(cfg.n_layer) if row.per_layer else [None]
+    outs = []
+    for i in layers:
+      names = [n.format(i=i) for n in row.hf] if i is not None else list(row.hf)
+      outs.append(row.to_ours(*(ckpt.take(n, s) for n, s in zip(names, row.hf_shapes))))
+    for j, path in enumerate(row.ours):
+      _set(params, path, np.stack([o[j] for o in outs]) if row.per_layer else outs[0][j])
+  return params
+
+
+def _check_tied_head(ckpt: _Checkpoint, cfg: GPTConfig, wte_name: str) -> None:
+  """A tied model's checkpoint may still hold lm_head.weight: it must equal the token table."""
+  head = ckpt.tensors.get(_LM_HEAD)
+  if head is None or not cfg.tie_embeddings:
+    return
+  ckpt.used.add(_LM_HEAD)
+  wte = ckpt.tensors[wte_name]
+  if head.shape != wte.shape or not np.array_equal(head, wte):
+    raise ValueError(f"{ckpt.where(_LM_HEAD)}: lm_head.weight differs from {wte_name} although "
+                     f"tie_word_embeddings is true in {ckpt.cfg_file}; untied output embeddings need "
+                     "tie_word_embeddings=false")
+
+
+def _wte_name(family: str) -> str:
+  return "wte.weight" if family == "gpt2" else "embed_tokens.weight"
+
+
+def load(path, dtype=None, strict: bool = True):
+  """Imports a transformers language-model checkpoint directory (GPT-2 or the Llama family).
+
+  path: directory with config.json and model.safetensors / pytorch_model.bin (or
+    their sharded index). Names may carry the base prefix (`transformer.` / `model.`,
+    as *LMHeadModel / *ForCausalLM save them) or not (*Model bases). A tied model's
+    `lm_head.weight` is accepted when it equals the token table.
+  dtype: compute dtype stored in the returned config (None -> "float32").
+  strict: if False, tensors that are not part of the language model (e.g. a
+    classification `score.weight`) are skipped and their count logged; if True
+    they are an error.
+  Returns (GPTConfig, params) with float32 jax arrays laid out as `gpt.init`'s.
+  """
+  directory, cfg_file, hf = _read_config(path, "load")
+  cfg = config_from_hf(hf, source=str(cfg_file), dtype=dtype)
+  ckpt = _Checkpoint(directory, cfg_file, cfg.family)
+  params = _params_from(ckpt, cfg, lm=True)
+  _check_tied_head(ckpt, cfg, _wte_name(cfg.family))
+  ckpt.check_leftover(strict, f"a {cfg.family} language model")
+  _check_layout(cfg, params, f"load({directory})")
   return cfg, jax.tree.map(jnp.asarray, params)
 
 
-# ------------------------------------------------------------------- writing
-def save_gpt2(config, params, path, extra_config: Mapping[str, Any] | None = None) -> Path:
-  """Writes config.json + model.safetensors that `GPT2LMHeadModel.from_pretrained` loads.
+def load_reward_model(path, dtype=None, strict: bool = True):
+  """Imports a *ForSequenceClassification checkpoint with one label as a scalar model.
 
-  params: our GPT params (any float dtype; written as float32).
-  extra_config: keys merged into config.json (e.g. {"eos_token_id": 0}).
-  Raises ValueError for configs transformers' GPT-2 cannot express (post-LN,
-  head_dim*n_head != d_model) or params that do not match the config.
-  Returns the directory.
+  Returns (GPTConfig, {"gpt": trunk params (no lm_head), "head": {"kernel" [D], "bias" []}}),
+  float32. HF's score layer has no bias, so the head bias is 0 (or `score.bias` if present).
+  The reward is then read by `heads.rewards` at the last real token of the attention mask,
+  which equals HF's last non-pad token when the pads are exactly the masked positions.
   """
+  directory, cfg_file, hf = _read_config(path, "load_reward_model")
+  cfg = config_from_hf(hf, source=str(cfg_file), dtype=dtype)
+  _, kind = _architecture(hf, str(cfg_file))
+  if kind not in ("cls", None):
+    raise ValueError(f"{cfg_file}: architectures={hf.get('architectures')!r} is not a sequence "
+                     f"classification model (expected {_cls_class(cfg.family)})")
+  n_labels = len(hf["id2label"]) if hf.get("id2label") else int(hf.get("num_labels", 2))
+  if n_labels != 1:
+    raise ValueError(f"{cfg_file}: a reward model has one label, this checkpoint has {n_labels}")
+  ckpt = _Checkpoint(directory, cfg_file, cfg.family)
+  trunk = _params_from(ckpt, cfg, lm=False)
+  kernel = ckpt.take(_SCORE, (1, cfg.d_model))[0]
+  bias = ckpt.take(_SCORE_BIAS, (1,))[0] if _SCORE_BIAS in ckpt.tensors else np.float32(0.0)
+  ckpt.check_leftover(strict, f"a {cfg.family} reward model")
+  _check_layout(cfg, trunk, f"load_reward_model({directory})", lm=False)
+  rm = {"gpt": trunk, "head": {"kernel": kernel, "bias": np.asarray(bias, np.float32).reshape(())}}
+  return cfg, jax.tree.map(jnp.asarray, rm)
+
+
+# ------------------------------------------------------------------- writing
+def _to_host(tree):
+  return jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), tree)
+
+
+def _hf_tensors(cfg: GPTConfig, host: Mapping, lm: bool) -> dict[str, np.ndarray]:
+  """Our (host float32) params -> HF tensors with full names (base prefix added)."""
+  prefix = _base_prefix(cfg.family)
+  out = {}
+  for row in _table(cfg, lm_head=lm):
+    values = [_get(host, p) for p in row.ours]
+    for i in range(cfg.n_layer) if row.per_layer else [None]:
+      arrays = row.to_hf(*(v[i] for v in values)) if i is not None else row.to_hf(*values)
+      for name, shape, arr in zip(row.hf, row.hf_shapes, arrays):
+        name = name.format(i=i) if i is not None else name
+        full = name if _top_level(name) else prefix + name
+        out[full] = np.ascontiguousarray(arr.reshape(shape), np.float32)
+  return out
+
+
+def _write(directory, tensors: dict, hf_config: dict) -> Path:
   from safetensors.numpy import save_file  # noqa: PLC0415
 
-  cfg = GPTConfig.from_dict(config)
-  hf = config_to_hf(cfg)
-  hf.update(extra_config or {})
-  host = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
-  _check_layout(cfg, host, "save_gpt2")
-
-  tensors = {}
-  for name, ours, hf_shape, _ in _table(cfg):
-    value = host
-    for p in ours:
-      value = value[p]
-    if "{i}" in name:
-      for i in range(cfg.n_layer):
-        tensors[_PREFIX + name.format(i=i)] = np.ascontiguousarray(value[i].reshape(hf_shape))
-    else:
-      tensors[_PREFIX + name] = np.ascontiguousarray(value.reshape(hf_shape))
-
-  directory = Path(path)
+  directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   save_file(tensors, str(directory / SAFE_NAME), metadata={"format": "pt"})
   with open(directory / CONFIG_NAME, "w") as f:
-    json.dump(hf, f, indent=2, sort_keys=True)
+    json.dump(hf_config, f, indent=2, sort_keys=True)
     f.write("\n")
   return directory
+
+
+def save(config, params, path, extra_config: Mapping[str, Any] | None = None) -> Path:
+  """Writes config.json + model.safetensors that `AutoModelForCausalLM.from_pretrained` loads.
+
+  The class follows config.family: GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM,
+  Qwen2ForCausalLM or Qwen3ForCausalLM.
+  params: our GPT params (any float dtype; written as float32).
+  extra_config: keys merged into config.json, e.g. {"bos_token_id": 1, "eos_token_id": 2,
+    "pad_token_id": 0} (the tokenizer's ids; unset by default).
+  Raises ValueError for configs that class cannot express (e.g. post-LN, or GPT-2 with
+  head_dim*n_head != d_model) or params that do not match the config.
+  Returns the directory.
+  """
+  cfg = GPTConfig.from_dict(config)
+  hf = config_to_hf(cfg)
+  hf.update(extra_config or {})
+  host = _to_host(params)
+  _check_layout(cfg, host, "save")
+  return _write(path, _hf_tensors(cfg, host, lm=True), hf)
+
+
+def _fold_head_bias(cfg: GPTConfig, trunk: dict, kernel: np.ndarray, bias: float) -> dict:
+  """Moves a scalar head bias b into ln_f's bias: score(h + b w / |w|^2) = w.h + b."""
+  if bias == 0.0:
+    return trunk
+  if not (cfg.pre_ln and "bias" in trunk.get("ln_f", {})):
+    raise ValueError(f"save_reward_model: the head bias is {bias:.6g}, but HF's score layer has no bias and "
+                     f"this model's final norm ({cfg.norm}, bias={cfg.bias}) has none to fold it into; "
+                     "subtract the bias from the rewards (heads.shift_bias(params, -bias)) before exporting")
+  w = kernel.astype(np.float64)
+  shift = (bias * w / np.dot(w, w)).astype(np.float32)
+  return {**trunk, "ln_f": {**trunk["ln_f"], "bias": trunk["ln_f"]["bias"] + shift}}
+
+
+def save_reward_model(config, rm_params, path, extra_config: Mapping[str, Any] | None = None) -> Path:
+  """Writes a *ForSequenceClassification (num_labels=1) directory from a scalar model.
+
+  rm_params: {"gpt": trunk, "head": {"kernel" [D], "bias" []}} (`heads.py`); an lm_head in
+    the trunk is ignored. `score.weight` [1,D] is the head kernel. HF's score has no bias:
+    a non-zero head bias is folded into ln_f's bias when the norm has one (GPT-2), else
+    ValueError. (The K-wise ranking loss never moves the bias, so it is 0 after RM training
+    unless `heads.shift_bias` was applied.)
+  extra_config: keys merged into config.json; include "pad_token_id": HF reads the score at
+    the last token != pad_token_id (it refuses batches > 1 without one), while `heads.rewards`
+    reads the last real token of the attention mask. They agree when the pads are exactly
+    the masked positions.
+  Returns the directory.
+  """
+  cfg = GPTConfig.from_dict(config)
+  hf = config_to_hf(cfg)
+  hf.update(architectures=[_cls_class(cfg.family)], id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+  hf.update(extra_config or {})
+  if hf.get("pad_token_id") is None:
+    log.warning("save_reward_model(%s): no pad_token_id in extra_config; transformers cannot score "
+                "batches larger than 1 without it", path)
+  host = _to_host(rm_params)
+  trunk = heads.trunk(host["gpt"])
+  _check_layout(cfg, trunk, "save_reward_model", lm=False)
+  kernel = host["head"]["kernel"].reshape(cfg.d_model)
+  trunk = _fold_head_bias(cfg, trunk, kernel, float(host["head"]["bias"]))
+  tensors = _hf_tensors(cfg, trunk, lm=False)
+  tensors[_SCORE] = np.ascontiguousarray(kernel[None, :])
+  return _write(path, tensors, hf)

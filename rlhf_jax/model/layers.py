@@ -4,6 +4,10 @@ Every parameter carries `logical_axes` metadata (MaxText's idea): names such as
 ("embed", "mlp") that `rlhf_jax.parallel` maps to mesh axes by rules. Modules
 are only used through `nnx.split`/`nnx.merge` in `gpt.py`; callers see pure
 functions over nested dicts of arrays.
+
+One set of modules covers GPT-2 (learned positions, LayerNorm, GELU MLP,
+biases) and the Llama family (RoPE, RMSNorm, SwiGLU, grouped-query attention,
+optional q/k/v biases and Qwen3's q/k norms); `GPTConfig` selects the pieces.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from rlhf_jax import parallel
@@ -56,6 +61,79 @@ def _ln_bwd(eps, res, g):
 layer_norm.defvjp(_ln_fwd, _ln_bwd)
 
 
+# ------------------------------------------------------------------- RMSNorm
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rms_norm(x, scale, eps):
+  """x [..., D] any float; scale [D]. x / rms(x) * scale, computed in float32, returns x.dtype."""
+  y, _ = _rms_fwd(x, scale, eps)
+  return y
+
+
+def _rms_fwd(x, scale, eps):
+  xf = x.astype(jnp.float32)
+  rstd = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  xhat = xf * rstd
+  y = xhat * scale.astype(jnp.float32)
+  return y.astype(x.dtype), (xhat, rstd, scale)
+
+
+def _rms_bwd(eps, res, g):
+  del eps
+  xhat, rstd, scale = res
+  gf = g.astype(jnp.float32)
+  red = tuple(range(gf.ndim - 1))
+  dscale = jnp.sum(gf * xhat, axis=red).astype(scale.dtype)
+  gx = gf * scale.astype(jnp.float32)
+  dx = rstd * (gx - xhat * jnp.mean(gx * xhat, axis=-1, keepdims=True))
+  return dx.astype(g.dtype), dscale
+
+
+rms_norm.defvjp(_rms_fwd, _rms_bwd)
+
+
+# ---------------------------------------------------------------------- RoPE
+def rope_inv_freq(cfg: GPTConfig) -> np.ndarray:
+  """float32 [Dh/2] inverse frequencies, computed as transformers' rope init functions do
+  (default, "linear": divided by factor, "llama3": Llama 3.1's smooth low-frequency scaling)."""
+  dh = cfg.d_head
+  exponent = np.arange(0, dh, 2, dtype=np.int64).astype(np.float32) / np.float32(dh)
+  inv = (np.float32(1.0) / np.power(np.float32(cfg.rope_theta), exponent)).astype(np.float32)
+  if cfg.rope_scaling == "linear":
+    return (inv / np.float32(cfg.rope_factor)).astype(np.float32)
+  if cfg.rope_scaling == "llama3":
+    return _llama3_inv_freq(inv, cfg)
+  return inv
+
+
+def _llama3_inv_freq(inv: np.ndarray, cfg: GPTConfig) -> np.ndarray:
+  factor, lo, hi = (np.float32(v) for v in (cfg.rope_factor, cfg.rope_low_freq_factor,
+                                            cfg.rope_high_freq_factor))
+  old_len = np.float32(cfg.rope_original_max_len)
+  low_freq_wavelen, high_freq_wavelen = old_len / lo, old_len / hi
+  wavelen = np.float32(2 * math.pi) / inv
+  scaled = np.where(wavelen > low_freq_wavelen, inv / factor, inv)
+  smooth = (old_len / wavelen - lo) / (hi - lo)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(cfg: GPTConfig, positions):
+  """positions int [B,T] -> (cos, sin) float32 [B,T,Dh] (the two halves repeat, rotate_half layout)."""
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+  """x [B,T,H,Dh]; cos/sin float32 [B,T,Dh]. x*cos + rotate_half(x)*sin in float32, returns x.dtype."""
+  xf = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+  return (xf * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+
+
+# ----------------------------------------------------------------- attention
 def dropout(x, rate: float, key):
   """Inverted dropout; identity when key is None or rate == 0."""
   if key is None or rate == 0.0:
@@ -65,51 +143,110 @@ def dropout(x, rate: float, key):
 
 
 def attention(q, k, v, mask, dropout_rate=0.0, key=None):
-  """Scaled dot-product attention.
+  """Scaled dot-product attention with grouped K/V heads (GQA; MHA when KV = H).
 
-  q [B,T,H,Dh], k/v [B,S,H,Dh] (compute dtype); mask [B,T,S] bool (True = may attend).
-  Softmax in float32. Returns [B,T,H,Dh] in q.dtype.
+  q [B,T,H,Dh]; k/v [B,S,KV,Dh] with H = KV * G: query head h reads K/V head
+  h // G (transformers' repeat_kv order), without materialising repeated K/V.
+  mask [B,T,S] bool (True = may attend). Softmax in float32. Returns [B,T,H,Dh] in q.dtype.
   """
-  scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
-  scores = scores / math.sqrt(q.shape[-1])
-  scores = jnp.where(mask[:, None, :, :], scores, NEG_INF)
+  b, t, h, dh = q.shape
+  kv = k.shape[2]
+  qg = q.reshape(b, t, kv, h // kv, dh)
+  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+  scores = scores / math.sqrt(dh)
+  scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1)
   probs = dropout(probs, dropout_rate, key).astype(v.dtype)
-  return jnp.einsum("bhts,bshd->bthd", probs, v)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, h, dh)
 
 
 def _normal(rngs, shape, std):
   return std * jax.random.normal(rngs.params(), shape, jnp.float32)
 
 
+def _zeros(shape, axes):
+  return nnx.Param(jnp.zeros(shape, jnp.float32), logical_axes=axes)
+
+
 class LayerNorm(nnx.Module):
-  def __init__(self, d: int, eps: float):
+  """LayerNorm over the last axis; `bias=False` drops the shift (scale only)."""
+
+  def __init__(self, d: int, eps: float, bias: bool = True):
     self.scale = nnx.Param(jnp.ones((d,), jnp.float32), logical_axes=("norm",))
-    self.bias = nnx.Param(jnp.zeros((d,), jnp.float32), logical_axes=("norm",))
+    if bias:
+      self.bias = _zeros((d,), ("norm",))
     self.eps = eps
 
   def __call__(self, x):
-    return layer_norm(x, self.scale[...], self.bias[...], self.eps)
+    bias = self.bias[...] if hasattr(self, "bias") else jnp.zeros_like(self.scale[...])
+    return layer_norm(x, self.scale[...], bias, self.eps)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm over the last axis (scale only), as Llama/Qwen/Mistral."""
+
+  def __init__(self, d: int, eps: float):
+    self.scale = nnx.Param(jnp.ones((d,), jnp.float32), logical_axes=("norm",))
+    self.eps = eps
+
+  def __call__(self, x):
+    return rms_norm(x, self.scale[...], self.eps)
+
+
+def make_norm(cfg: GPTConfig, d: int):
+  """The config's norm over a [..., d] axis."""
+  if cfg.norm == "rmsnorm":
+    return RMSNorm(d, cfg.ln_eps)
+  return LayerNorm(d, cfg.ln_eps, cfg.bias)
 
 
 class Attention(nnx.Module):
-  """Multi-head causal self-attention with a fused QKV kernel [D, 3, H, Dh]."""
+  """Causal self-attention: q_kernel [D,H,Dh], kv_kernel [D,2,KV,Dh], out_kernel [H,Dh,D].
+
+  Optional: q_bias [H,Dh] / kv_bias [2,KV,Dh] (qkv_bias), out_bias [D] (bias),
+  q_norm / k_norm RMSNorm over Dh before RoPE (qk_norm).
+  """
 
   def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
-    d, h, dh = cfg.d_model, cfg.n_head, cfg.d_head
+    d, h, kv, dh = cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.d_head
     out_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)  # GPT-2's residual-projection scaling
-    self.qkv_kernel = nnx.Param(_normal(rngs, (d, 3, h, dh), cfg.init_std),
-                                logical_axes=("embed", None, "heads", "head_dim"))
-    self.qkv_bias = nnx.Param(jnp.zeros((3, h, dh), jnp.float32), logical_axes=(None, "heads", "head_dim"))
+    # One draw for q, k and v: with KV = H this is the former fused [D,3,H,Dh] kernel's init.
+    w = _normal(rngs, (d, h + 2 * kv, dh), cfg.init_std)
+    self.q_kernel = nnx.Param(w[:, :h], logical_axes=("embed", "heads", "head_dim"))
+    self.kv_kernel = nnx.Param(w[:, h:].reshape(d, 2, kv, dh),
+                               logical_axes=("embed", None, "kv_heads", "head_dim"))
+    if cfg.qkv_bias:
+      self.q_bias = _zeros((h, dh), ("heads", "head_dim"))
+      self.kv_bias = _zeros((2, kv, dh), (None, "kv_heads", "head_dim"))
     self.out_kernel = nnx.Param(_normal(rngs, (h, dh, d), out_std), logical_axes=("heads", "head_dim", "embed"))
-    self.out_bias = nnx.Param(jnp.zeros((d,), jnp.float32), logical_axes=("embed",))
+    if cfg.bias:
+      self.out_bias = _zeros((d,), ("embed",))
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(dh, cfg.ln_eps)
+      self.k_norm = RMSNorm(dh, cfg.ln_eps)
     self.rate = cfg.dropout
 
-  def __call__(self, x, mask, kv=None, cache_index=None, keys=(None, None)):
-    """x [B,T,D]; mask [B,T,S]; kv: optional (k_cache, v_cache) [B,S,H,Dh] to write at cache_index."""
+  def _project(self, x):
+    """x [B,T,D] -> q [B,T,H,Dh], k, v [B,T,KV,Dh] (biases and q/k norms applied, no RoPE)."""
     dt = x.dtype
-    qkv = jnp.einsum("btd,dchk->btchk", x, self.qkv_kernel[...].astype(dt)) + self.qkv_bias[...].astype(dt)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q = jnp.einsum("btd,dhk->bthk", x, self.q_kernel[...].astype(dt))
+    kv = jnp.einsum("btd,dchk->btchk", x, self.kv_kernel[...].astype(dt))
+    if hasattr(self, "q_bias"):
+      q = q + self.q_bias[...].astype(dt)
+      kv = kv + self.kv_bias[...].astype(dt)
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    if hasattr(self, "q_norm"):
+      q, k = self.q_norm(q), self.k_norm(k)
+    return q, k, v
+
+  def __call__(self, x, mask, rope=None, kv=None, cache_index=None, keys=(None, None)):
+    """x [B,T,D]; mask [B,T,S]; rope: (cos, sin) float32 [B,T,Dh] or None (learned positions);
+    kv: optional (k_cache, v_cache) [B,S,KV,Dh] to write at cache_index."""
+    dt = x.dtype
+    q, k, v = self._project(x)
+    if rope is not None:
+      q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     q = parallel.constrain(q, ("batch", "length", "heads", "head_dim"))
     if kv is not None:
       k_cache, v_cache = kv
@@ -117,59 +254,85 @@ class Attention(nnx.Module):
       v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
       kv = (k, v)
     out = attention(q, k.astype(dt), v.astype(dt), mask, self.rate, keys[0])
-    y = jnp.einsum("bthk,hkd->btd", out, self.out_kernel[...].astype(dt)) + self.out_bias[...].astype(dt)
+    y = jnp.einsum("bthk,hkd->btd", out, self.out_kernel[...].astype(dt))
+    if hasattr(self, "out_bias"):
+      y = y + self.out_bias[...].astype(dt)
     return dropout(y, self.rate, keys[1]), kv
 
 
 class MLP(nnx.Module):
+  """gelu: gelu(x@fc) @ proj; swiglu: (silu(x@gate) * (x@fc)) @ proj (fc = HF's up_proj).
+
+  fc_kernel / gate_kernel [D,F], proj_kernel [F,D]; biases [F] / [D] only when cfg.bias.
+  """
+
   def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
     d, f = cfg.d_model, cfg.d_mlp
     self.fc_kernel = nnx.Param(_normal(rngs, (d, f), cfg.init_std), logical_axes=("embed", "mlp"))
-    self.fc_bias = nnx.Param(jnp.zeros((f,), jnp.float32), logical_axes=("mlp",))
+    if cfg.bias:
+      self.fc_bias = _zeros((f,), ("mlp",))
     self.proj_kernel = nnx.Param(_normal(rngs, (f, d), cfg.init_std / math.sqrt(2 * cfg.n_layer)),
                                  logical_axes=("mlp", "embed"))
-    self.proj_bias = nnx.Param(jnp.zeros((d,), jnp.float32), logical_axes=("embed",))
+    if cfg.bias:
+      self.proj_bias = _zeros((d,), ("embed",))
+    if cfg.mlp == "swiglu":
+      self.gate_kernel = nnx.Param(_normal(rngs, (d, f), cfg.init_std), logical_axes=("embed", "mlp"))
+      if cfg.bias:
+        self.gate_bias = _zeros((f,), ("mlp",))
     self.rate = cfg.dropout
 
-  def __call__(self, x, key=None):
+  def _linear(self, x, name):
     dt = x.dtype
-    h = x @ self.fc_kernel[...].astype(dt) + self.fc_bias[...].astype(dt)
-    h = parallel.constrain(h, ("batch", "length", "mlp"))
-    h = jax.nn.gelu(h, approximate=True)  # GPT-2's "gelu_new" (tanh approximation)
-    y = h @ self.proj_kernel[...].astype(dt) + self.proj_bias[...].astype(dt)
-    return dropout(y, self.rate, key)
+    y = x @ getattr(self, name + "_kernel")[...].astype(dt)
+    if hasattr(self, name + "_bias"):
+      y = y + getattr(self, name + "_bias")[...].astype(dt)
+    return y
+
+  def __call__(self, x, key=None):
+    h = parallel.constrain(self._linear(x, "fc"), ("batch", "length", "mlp"))
+    if hasattr(self, "gate_kernel"):
+      gate = parallel.constrain(self._linear(x, "gate"), ("batch", "length", "mlp"))
+      h = jax.nn.silu(gate) * h
+    else:
+      h = jax.nn.gelu(h, approximate=True)  # GPT-2's "gelu_new" (tanh approximation)
+    return dropout(self._linear(h, "proj"), self.rate, key)
 
 
 class Block(nnx.Module):
-  """One transformer block: pre-LN (GPT-2/3) or post-LN (GPT-1)."""
+  """One transformer block: pre-LN (GPT-2/3, Llama) or post-LN (GPT-1)."""
 
   def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
-    self.ln1 = LayerNorm(cfg.d_model, cfg.ln_eps)
+    self.ln1 = make_norm(cfg, cfg.d_model)
     self.attn = Attention(cfg, rngs)
-    self.ln2 = LayerNorm(cfg.d_model, cfg.ln_eps)
+    self.ln2 = make_norm(cfg, cfg.d_model)
     self.mlp = MLP(cfg, rngs)
     self.pre_ln = cfg.pre_ln
 
-  def __call__(self, x, mask, kv=None, cache_index=None, key=None):
+  def __call__(self, x, mask, rope=None, kv=None, cache_index=None, key=None):
     keys = (None,) * 3 if key is None else tuple(jax.random.split(key, 3))
     if self.pre_ln:
-      a, kv = self.attn(self.ln1(x), mask, kv, cache_index, keys[:2])
+      a, kv = self.attn(self.ln1(x), mask, rope, kv, cache_index, keys[:2])
       x = x + a
       x = x + self.mlp(self.ln2(x), keys[2])
     else:
-      a, kv = self.attn(x, mask, kv, cache_index, keys[:2])
+      a, kv = self.attn(x, mask, rope, kv, cache_index, keys[:2])
       x = self.ln1(x + a)
       x = self.ln2(x + self.mlp(x, keys[2]))
     return parallel.constrain(x, ("batch", "length", "embed")), kv
 
 
 class Embeddings(nnx.Module):
-  """Token table (tied with the unembedding), learned positions, and the final LN (pre-LN only)."""
+  """Token table wte, learned positions wpe (position="learned"), the final norm ln_f (pre-LN
+  only) and an untied unembedding lm_head [V,D] (tie_embeddings=False)."""
 
   def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
     self.wte = nnx.Param(_normal(rngs, (cfg.vocab_size, cfg.d_model), cfg.init_std),
                          logical_axes=("vocab", "embed"))
-    self.wpe = nnx.Param(_normal(rngs, (cfg.max_len, cfg.d_model), cfg.init_std / 2),
-                         logical_axes=(None, "embed"))
+    if cfg.position == "learned":
+      self.wpe = nnx.Param(_normal(rngs, (cfg.max_len, cfg.d_model), cfg.init_std / 2),
+                           logical_axes=(None, "embed"))
     if cfg.pre_ln:
-      self.ln_f = LayerNorm(cfg.d_model, cfg.ln_eps)
+      self.ln_f = make_norm(cfg, cfg.d_model)
+    if not cfg.tie_embeddings:
+      self.lm_head = nnx.Param(_normal(rngs, (cfg.vocab_size, cfg.d_model), cfg.init_std),
+                               logical_axes=("vocab", "embed"))
