@@ -4,9 +4,11 @@
       [--temperature 0.7 --top_k 0 --top_p 1.0 --max_new_tokens 64 --seed 0]
 
 Reads one user message per stdin line and streams the reply token by token. "/reset" clears the
-dialogue (the system message stays), "/exit" or end of input quits. The dialogue is rendered with
-`chat_format` exactly as SFT/PPO prompts are; when it no longer fits the context window the oldest
-exchanges are dropped first (never the system message). --temperature 0 decodes greedily.
+dialogue (the system message stays), "/exit" or end of input quits. The dialogue is rendered in
+the tokenizer's chat format (`tok.chat`: role format or the model's chat template) exactly as
+SFT/PPO prompts are, and a reply ends at any of `tok.stop_ids`; when it no longer fits the context
+window the oldest exchanges are dropped first (never the system message). --temperature 0 decodes
+greedily.
 Decoding uses `sampling.prefill` + `sampling.decode_step` on a prompt left-padded to a fixed
 length, so every turn reuses the same two compiled programs.
 """
@@ -22,7 +24,7 @@ import numpy as np
 
 from rlhf_jax import sampling
 from rlhf_jax.data import chat_format
-from rlhf_jax.data.tokenizer import SPECIAL_TOKENS, Tokenizer
+from rlhf_jax.data.tokenizer import Tokenizer
 from rlhf_jax.train import stages
 
 _WHERE = "rlhf_jax/chat.py"
@@ -30,13 +32,17 @@ _WHERE = "rlhf_jax/chat.py"
 
 # ------------------------------------------------------------------------------ loading
 def load_chat_model(workdir: str, stage: str | None = None):
-  """(info, GPTConfig, tokenizer, params) of a language-model stage in workdir[/stage].
+  """(info, GPTConfig, tokenizer, params) of a language-model stage in workdir[/stage], or of a
+  Hugging Face model directory (its own chat template renders the dialogue).
 
   Raises ValueError for a reward/value model stage (params {"gpt", "head"}: it scores, it cannot talk).
   """
   path = os.path.join(workdir, stage) if stage else workdir
   if not os.path.isdir(path):
     raise ValueError(f"{_WHERE}: {path} does not exist" + (f" (--stage {stage} under {workdir})" if stage else ""))
+  if stages.is_hf_dir(path):
+    m = stages.load_model(path, expect="hf", key="workdir")
+    return m.info, m.config, m.tok, m.params
   info, cfg, tok, params = stages.load_stage(path)  # RL stages: checkpoint.load_params reads the policy
   if isinstance(params, dict) and ("head" in params or "gpt" in params):
     raise ValueError(f"{_WHERE}: {path} holds a {info.get('stage')!r} stage with a scalar head (reward/value "
@@ -51,7 +57,7 @@ def fit_history(tok: Tokenizer, system: str | None, turns: Sequence[dict], budge
 
   turns: user/assistant messages ending with the new user turn (no system message).
   Returns (kept turns, prompt ids = chat_format.encode_prompt of [system] + kept turns, ending
-  with <|assistant|>). An exchange is a user turn and the replies after it, dropped together;
+  with the generation prompt). An exchange is a user turn and the replies after it, dropped together;
   the system message and the newest user turn are never dropped. Raises ValueError if those two
   alone exceed the budget.
   """
@@ -88,8 +94,8 @@ def stream_delta(tok: Tokenizer, ids: Sequence[int], shown: str) -> tuple[str, s
 def stream_reply(params, cfg, tok: Tokenizer, prompt_ids: Sequence[int], rng, *, prompt_len: int,
                  max_new_tokens: int, temperature: float, spec: sampling.SamplingSpec,
                  write: Callable[[str], None]) -> str:
-  """Samples one reply (until EOS / any special token / max_new_tokens), calling write() with
-  each printable piece as it is decoded. Returns the reply text."""
+  """Samples one reply (until a stop token, `tok.stop_ids`, or max_new_tokens), calling write()
+  with each printable piece as it is decoded. Returns the reply text."""
   toks = np.full((1, prompt_len), tok.pad_id, np.int32)
   mask = np.zeros((1, prompt_len), np.int32)
   toks[0, prompt_len - len(prompt_ids):], mask[0, prompt_len - len(prompt_ids):] = prompt_ids, 1
@@ -100,7 +106,7 @@ def stream_reply(params, cfg, tok: Tokenizer, prompt_ids: Sequence[int], rng, *,
     if i:
       state = sampling.decode_step(params, cfg, state, spec=spec)
     t = int(state["tokens"][0, i])
-    if t in tok.special_ids:  # EOS ends the reply; a role token would start someone else's turn
+    if t in tok.stop_ids:  # end of turn ends the reply; a turn-start token would begin someone else's turn
       break
     ids.append(t)
     delta, shown = stream_delta(tok, ids, shown)
@@ -109,7 +115,7 @@ def stream_reply(params, cfg, tok: Tokenizer, prompt_ids: Sequence[int], rng, *,
   text = tok.decode(ids)
   if len(text) > len(shown):
     write(text[len(shown):])
-  for s in SPECIAL_TOKENS:  # a literal special string assembled from bytes must not enter the history
+  for s in tok.special_strings:  # a literal special string assembled from bytes must not enter the history
     text = text.replace(s, "")
   return text
 
@@ -125,7 +131,7 @@ def chat_loop(params, cfg, tok: Tokenizer, lines, write: Callable[[str], None], 
   spec = sampling.SamplingSpec(top_k=top_k, top_p=top_p, greedy=temperature == 0)
   prompt_len = cfg.max_len - max_new_tokens + 1   # prompt + reply always fit the window
   if system:
-    chat_format.validate_messages([{"role": "system", "content": system}])
+    tok.chat.validate([{"role": "system", "content": system}])
   history: list[dict] = []
   rng = jax.random.PRNGKey(seed)
   turn = 0
@@ -139,7 +145,7 @@ def chat_loop(params, cfg, tok: Tokenizer, lines, write: Callable[[str], None], 
       write("[history cleared]\n")
     elif text.strip():
       try:
-        chat_format.validate_messages([{"role": "user", "content": text}])
+        tok.chat.validate([{"role": "user", "content": text}])
         kept, ids = fit_history(tok, system, history + [{"role": "user", "content": text}], prompt_len)
       except ValueError as e:
         write(f"[error: {e}]\n")
@@ -156,7 +162,7 @@ def chat_loop(params, cfg, tok: Tokenizer, lines, write: Callable[[str], None], 
 
 def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> None:
   p = argparse.ArgumentParser(prog="python -m rlhf_jax.chat", description=__doc__.split("\n")[0])
-  p.add_argument("--workdir", required=True, help="a stage workdir, or the parent of --stage")
+  p.add_argument("--workdir", required=True, help="a stage workdir (or the parent of --stage), or a Hugging Face model directory")
   p.add_argument("--stage", default=None, help="sub-directory of --workdir holding the stage (e.g. ppo_ptx)")
   p.add_argument("--system", default=None, help="system message (kept for the whole dialogue)")
   p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")

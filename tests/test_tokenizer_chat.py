@@ -41,6 +41,10 @@ def test_special_tokens_and_sizes(tok):
   assert tok.encode("<|user|>x<|endoftext|>")[-1] == tok.eos_id
   with pytest.raises(ValueError, match="role"):
     tok.role_id("tool")
+  assert tok.stop_ids == {1, 2, 3, 4} and tok.special_ids == {0, 1, 2, 3, 4}
+  assert tok.chat_template is None and tok.chat.kind == "role"
+  assert (tok.added_ids, tok.base_vocab_size) == ((), 512)
+  assert tok.special_tokens == {"eos_token": T.EOS, "pad_token": T.PAD}
 
 
 def test_training_is_deterministic_and_learns_merges(corpus, tok):
@@ -81,12 +85,26 @@ def test_decode_special_handling(tok):
 
 def test_save_load_roundtrip(tok, tmp_path):
   T.save(tok, tmp_path / "tok")
+  config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+  assert (config["eos_token"], config["pad_token"], config["chat_template"]) == (T.EOS, T.PAD, C.ROLE_TEMPLATE)
   back = T.load(tmp_path / "tok")
   text = "<|user|>add 3 and 5<|assistant|>8<|endoftext|> héllo"
   assert back.encode(text) == tok.encode(text)
-  assert (back.vocab_size, back.pad_id, back.eos_id) == (tok.vocab_size, tok.pad_id, tok.eos_id)
+  assert (back.vocab_size, back.pad_id, back.eos_id, back.stop_ids) == (tok.vocab_size, tok.pad_id, tok.eos_id,
+                                                                         tok.stop_ids)
+  assert back.chat_template is None and back.chat.encode_chat(CHAT) == tok.chat.encode_chat(CHAT)
   with pytest.raises(ValueError, match="tokenizer.json"):
     T.load(tmp_path / "missing")
+
+
+def test_load_reads_the_old_save_layout(tok, tmp_path):
+  # The old `save` wrote tokenizer.json alone.
+  (tmp_path / "old").mkdir()
+  tok.backend.save(str(tmp_path / "old" / "tokenizer.json"))
+  back = T.load(tmp_path / "old")
+  assert back.backend.to_str() == tok.backend.to_str()
+  assert (back.pad_id, back.eos_id, back.assistant_id, back.stop_ids) == (0, 1, 4, tok.stop_ids)
+  assert back.chat.encode_chat(CHAT) == tok.chat.encode_chat(CHAT)
 
 
 def test_load_hf_gpt2_layout_adds_missing_specials(corpus, tmp_path):
@@ -110,6 +128,7 @@ def test_load_hf_gpt2_layout_adds_missing_specials(corpus, tmp_path):
   assert wrapped.encode(text) == hf.encode(text).ids
   assert wrapped.decode(wrapped.encode(text)) == text
   assert wrapped.encode("<|user|>") == [wrapped.user_id]
+  assert wrapped.base_vocab_size == base and sorted(wrapped.added_ids) == list(range(base, base + 4))
   with pytest.raises(ValueError, match="does not exist"):
     T.load_hf(tmp_path / "nope")
 

@@ -1,62 +1,128 @@
-"""Byte-level BPE tokenizer (Hugging Face `tokenizers`) behind one small interface.
+"""Tokenizers (Hugging Face `tokenizers`) behind one small interface, with their chat format.
 
-Three ways to get a `Tokenizer`, all offline:
-  * `train_bpe(texts, vocab_size)`  trains a deterministic byte-level BPE,
-  * `load(dir)` reloads one written by `save(tok, dir)`,
-  * `load_hf(dir)` wraps a GPT-2 style tokenizer stored in a local directory (transformers).
+Ways to get a `Tokenizer`, all offline:
+  * `train_bpe(texts, vocab_size)`  trains a deterministic byte-level BPE (built-in role format),
+  * `load_hf(dir)` wraps any Hugging Face fast tokenizer stored in a local directory,
+  * `load(dir)` reloads one written by `save(tok, dir)` (or by the old `save`: tokenizer.json only).
 
-Every tokenizer carries the five special tokens below; `<|pad|>` is distinct from the EOS
-`<|endoftext|>` so padding can never be confused with "end of answer". Byte-level BPE without a
-normaliser makes `decode(encode(x)) == x` for any unicode `x` that does not itself contain a
-special-token string (such substrings are encoded as the special token, by design, and
-`decode(..., skip_special=True)` drops them).
+`save` writes a Hugging Face tokenizer directory (tokenizer.json + tokenizer_config.json with the
+pad/eos tokens and the chat template), so `transformers.AutoTokenizer.from_pretrained(dir)` reads
+the same ids and renders the same chat text.
+
+Chat format (`tok.chat`, see chat_format.py): a checkpoint's own chat template when it has one,
+else the built-in role format (`<|system|>`, `<|user|>`, `<|assistant|>`, `<|endoftext|>`), whose
+missing tokens are then added. PAD is never a stop token: a checkpoint without a pad token, or
+whose pad is its EOS / end-of-turn token, gets a new `<|pad|>`. Every token added on top of the
+checkpoint's vocabulary is listed in `tok.added_ids` (the model grows its embedding by those rows).
+
+Byte-level BPE without a normaliser makes `decode(encode(x)) == x` for any unicode `x` that does not
+itself contain a special-token string (such substrings are encoded as the special token, by
+design, and `decode(..., skip_special=True)` drops them).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-PAD = "<|pad|>"
-EOS = "<|endoftext|>"
-SYSTEM = "<|system|>"
-USER = "<|user|>"
-ASSISTANT = "<|assistant|>"
-# Order fixes the ids of a freshly trained BPE: pad=0, eos=1, system=2, user=3, assistant=4.
-SPECIAL_TOKENS: tuple[str, ...] = (PAD, EOS, SYSTEM, USER, ASSISTANT)
-ROLE_TOKENS: dict[str, str] = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+from rlhf_jax.data.chat_format import (  # noqa: F401 (re-exported: the special tokens live with the format)
+    ASSISTANT, EOS, PAD, ROLE_TEMPLATE, ROLE_TOKENS, SPECIAL_TOKENS, SYSTEM, USER, RoleFormat)
+from rlhf_jax.data.chat_templates import TemplateFormat, probe_template
 
 _TOKENIZER_FILE = "tokenizer.json"
+_CONFIG_FILE = "tokenizer_config.json"
+_TEMPLATE_FILE = "chat_template.jinja"
 _SPECIAL_RE = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
+_ROLE_DEFAULTS = {"eos_token": EOS, "pad_token": PAD}
+
+
+def _special_strings(backend: tokenizers.Tokenizer) -> tuple[str, ...]:
+  """Contents of the backend's special added tokens, in id order."""
+  added = backend.get_added_tokens_decoder()
+  return tuple(added[i].content for i in sorted(added) if added[i].special)
+
+
+def _stop_strings(backend: tokenizers.Tokenizer, chat_template: str | None,
+                  special_tokens: Mapping[str, str]) -> tuple[str, frozenset[str]]:
+  """(end-of-turn token, all tokens that end a reply) of a chat format, as token strings."""
+  if chat_template is None:
+    end, starts = EOS, (SYSTEM, USER, ASSISTANT)
+  else:
+    probe = probe_template(chat_template, dict(special_tokens), _special_strings(backend))
+    end, starts = probe.end_of_turn, probe.turn_starts
+  stops = {end, *starts}
+  if special_tokens.get("eos_token"):
+    stops.add(special_tokens["eos_token"])
+  return end, frozenset(stops)
 
 
 class Tokenizer:
-  """Thin wrapper over a `tokenizers.Tokenizer` that has all of `SPECIAL_TOKENS`.
+  """A `tokenizers.Tokenizer` plus its chat format.
 
   encode(text) -> list[int] (no BOS/EOS added; special-token strings in `text` map to their ids)
   decode(ids, skip_special=True) -> str
-  Attributes: vocab_size, pad_id, eos_id, system_id, user_id, assistant_id (all int).
+  Attributes:
+    vocab_size       number of ids (the vocabulary including added tokens)
+    pad_id, eos_id   padding; the end of an assistant turn = the generation stop (`<|endoftext|>`
+                     in the role format, the template's end-of-turn token such as `<|im_end|>`)
+    stop_ids         frozenset of ids that end a reply: eos_id, the tokenizer's eos token and the
+                     tokens opening a turn; never pad_id
+    special_ids      frozenset of the ids of all special tokens; special_strings: their texts
+    special_tokens   {"eos_token": str, "pad_token": str, "bos_token": ...}: Hugging Face's
+                     special_tokens_map, the variables a chat template sees
+    chat_template    the Jinja chat template, or None for the built-in role format
+    chat             the chat format (chat_format.RoleFormat or chat_templates.TemplateFormat)
+    added_ids        ids added on top of the loaded checkpoint's vocabulary (tuple, maybe empty);
+                     base_vocab_size: the checkpoint's size before them
+    system_id, user_id, assistant_id: the role tokens (role format only, else None)
   """
 
-  def __init__(self, backend: tokenizers.Tokenizer):
-    missing = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is None]
+  def __init__(self, backend: tokenizers.Tokenizer, chat_template: str | None = None,
+               special_tokens: Mapping[str, str] | None = None, added_ids: Sequence[int] = (),
+               base_vocab_size: int | None = None):
+    self.backend = backend
+    self.chat_template = None if chat_template in (None, ROLE_TEMPLATE) else chat_template
+    specials = dict(special_tokens or {})
+    if self.chat_template is None:
+      specials = {**_ROLE_DEFAULTS, **{k: v for k, v in specials.items() if v}}
+      self._require_tokens([EOS, SYSTEM, USER, ASSISTANT, specials["pad_token"]])
+    elif not specials.get("pad_token"):
+      raise ValueError("tokenizer.py: a chat-template tokenizer needs special_tokens['pad_token'] (load_hf adds one)")
+    self.special_tokens = specials
+    self.special_strings = _special_strings(backend)
+    self.special_ids = frozenset(backend.token_to_id(t) for t in self.special_strings)
+    vocab = backend.get_vocab(with_added_tokens=True)
+    self.vocab_size = max(backend.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1)
+    self.added_ids = tuple(int(i) for i in added_ids)
+    self.base_vocab_size = self.vocab_size - len(self.added_ids) if base_vocab_size is None else int(base_vocab_size)
+    end, stops = _stop_strings(backend, self.chat_template, specials)
+    self._require_tokens([end, *stops, specials["pad_token"]])
+    self.eos_id = backend.token_to_id(end)
+    self.pad_id = backend.token_to_id(specials["pad_token"])
+    self.stop_ids = frozenset(backend.token_to_id(t) for t in stops)
+    if self.pad_id in self.stop_ids:
+      raise ValueError(f"tokenizer.py: the pad token {specials['pad_token']!r} also ends replies "
+                       f"(stop tokens {sorted(stops)}); padding must never read as end of answer")
+    role = self.chat_template is None
+    self.system_id, self.user_id, self.assistant_id = (
+        (backend.token_to_id(t) if role else None) for t in (SYSTEM, USER, ASSISTANT))
+    self.chat = RoleFormat(self) if role else TemplateFormat(self, self.chat_template)
+
+  def _require_tokens(self, tokens: Iterable[str]) -> None:
+    missing = sorted({t for t in tokens if self.backend.token_to_id(t) is None})
     if missing:
       raise ValueError(f"tokenizer.py: backend tokenizer lacks special tokens {missing}")
-    self.backend = backend
-    self.pad_id = backend.token_to_id(PAD)
-    self.eos_id = backend.token_to_id(EOS)
-    self.system_id = backend.token_to_id(SYSTEM)
-    self.user_id = backend.token_to_id(USER)
-    self.assistant_id = backend.token_to_id(ASSISTANT)
-    self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
-    self.special_ids = frozenset(backend.token_to_id(t) for t in SPECIAL_TOKENS)
 
   def role_id(self, role: str) -> int:
-    """Id of the role token for `role` in {"system", "user", "assistant"}."""
+    """Id of the role token for `role` in {"system", "user", "assistant"} (role format only)."""
+    if self.chat_template is not None:
+      raise ValueError("tokenizer.py: this tokenizer uses its chat template; role tokens exist only in the "
+                       "built-in role format (use tok.chat)")
     if role not in ROLE_TOKENS:
       raise ValueError(f"tokenizer.py: unknown role {role!r}; expected one of {sorted(ROLE_TOKENS)}")
     return self.backend.token_to_id(ROLE_TOKENS[role])
@@ -74,7 +140,11 @@ class Tokenizer:
     return self.backend.decode(ids, skip_special_tokens=skip_special)
 
   def __repr__(self) -> str:
-    return f"Tokenizer(vocab_size={self.vocab_size}, pad_id={self.pad_id}, eos_id={self.eos_id})"
+    return (f"Tokenizer(vocab_size={self.vocab_size}, pad_id={self.pad_id}, eos_id={self.eos_id}, "
+            f"chat={self.chat.kind})")
+
+
+# ------------------------------------------------------------------------------ training
 
 
 def _strip_specials(texts: Iterable[str]) -> Iterable[str]:
@@ -110,42 +180,139 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[st
   return Tokenizer(hf)
 
 
+# ------------------------------------------------------------------------------ saving and loading
+
+
 def save(tok: Tokenizer, directory: str | os.PathLike) -> Path:
-  """Write `tok` as `<directory>/tokenizer.json`; returns that path."""
+  """Write `tok` as a Hugging Face tokenizer directory; returns the path of its tokenizer.json.
+
+  tokenizer_config.json holds the special tokens and the chat template (ROLE_TEMPLATE for the role
+  format); chat_template.jinja repeats the template for transformers versions that read it there.
+  Tokens added by `load_hf` are now part of the saved vocabulary (a reload has no `added_ids`).
+  """
   path = Path(directory)
   path.mkdir(parents=True, exist_ok=True)
   out = path / _TOKENIZER_FILE
   tok.backend.save(str(out))
+  template = tok.chat_template or ROLE_TEMPLATE
+  config = {"tokenizer_class": "PreTrainedTokenizerFast", **tok.special_tokens, "chat_template": template,
+            "clean_up_tokenization_spaces": False}
+  (path / _CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+  (path / _TEMPLATE_FILE).write_text(template, encoding="utf-8")
   return out
 
 
 def load(directory: str | os.PathLike) -> Tokenizer:
-  """Load a tokenizer written by `save`."""
-  file = Path(directory) / _TOKENIZER_FILE
-  if not file.is_file():
-    raise ValueError(f"tokenizer.py: no {_TOKENIZER_FILE} in {directory}")
-  return Tokenizer(tokenizers.Tokenizer.from_file(str(file)))
+  """Load a tokenizer written by `save`, or by the old `save` (a lone tokenizer.json with our
+  special tokens); any other Hugging Face tokenizer directory goes through `load_hf`."""
+  path = Path(directory)
+  if not path.is_dir():
+    raise ValueError(f"tokenizer.py: no {_TOKENIZER_FILE} in {directory} (no such directory)")
+  file = path / _TOKENIZER_FILE
+  if file.is_file() and not (path / _CONFIG_FILE).is_file():
+    backend = tokenizers.Tokenizer.from_file(str(file))
+    if all(backend.token_to_id(t) is not None for t in SPECIAL_TOKENS):
+      return Tokenizer(backend)
+  return load_hf(path)
+
+
+def _hf_parts(path: Path) -> tuple[tokenizers.Tokenizer, dict[str, str], str | None]:
+  """(private copy of the backend, special_tokens_map, chat template or None) via transformers."""
+  from transformers import AutoTokenizer  # heavy import, only needed here
+
+  try:
+    hf_tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+  except (OSError, ValueError, KeyError) as e:
+    raise ValueError(f"tokenizer.py: {path} holds no loadable Hugging Face tokenizer ({_TOKENIZER_FILE}, "
+                     f"{_CONFIG_FILE} or vocab.json + merges.txt): {e}") from None
+  backend = getattr(hf_tok, "backend_tokenizer", None)
+  if not isinstance(backend, tokenizers.Tokenizer):
+    raise ValueError(f"tokenizer.py: {path} did not load as a fast (tokenizers-backed) tokenizer")
+  backend = tokenizers.Tokenizer.from_str(backend.to_str())  # do not mutate transformers' object
+  backend.no_padding()
+  backend.no_truncation()
+  template = hf_tok.chat_template
+  if isinstance(template, dict):  # several named templates
+    if "default" not in template:
+      raise ValueError(f"tokenizer.py: {path} has named chat templates {sorted(template)} but no 'default'")
+    template = template["default"]
+  return backend, dict(hf_tok.special_tokens_map), template or None
+
+
+def _add_tokens(backend: tokenizers.Tokenizer, tokens: Sequence[str]) -> tuple[int, ...]:
+  """Add the missing ones of `tokens` as special tokens; their new ids."""
+  missing = [t for t in dict.fromkeys(tokens) if backend.token_to_id(t) is None]
+  backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in missing])
+  return tuple(backend.token_to_id(t) for t in missing)
+
+
+def wrap_backend(backend: tokenizers.Tokenizer, special_tokens: Mapping[str, str],
+                 chat_template: str | None) -> Tokenizer:
+  """A `Tokenizer` over a checkpoint's backend (modified in place), adding what it lacks.
+
+  No chat template (or ROLE_TEMPLATE): the role format; missing role tokens and EOS are added.
+  Either way a new `<|pad|>` is added unless the checkpoint's pad token exists and ends no reply.
+  """
+  specials = {k: v for k, v in special_tokens.items() if v}
+  template = None if chat_template in (None, ROLE_TEMPLATE) else chat_template
+  base = max(backend.get_vocab_size(with_added_tokens=True), max(backend.get_vocab().values(), default=-1) + 1)
+  if template is None:
+    specials.setdefault("eos_token", EOS)
+    needed = [EOS, SYSTEM, USER, ASSISTANT]
+  else:
+    needed = []
+  _, stops = _stop_strings(backend, template, specials)
+  if specials.get("pad_token") in (None, *stops):
+    specials["pad_token"] = PAD
+  added = _add_tokens(backend, [specials["pad_token"], *needed])
+  return Tokenizer(backend, template, specials, added_ids=added, base_vocab_size=base)
 
 
 def load_hf(directory: str | os.PathLike) -> Tokenizer:
-  """Wrap a local Hugging Face (e.g. GPT-2) fast tokenizer; never touches the network.
+  """Wrap a local Hugging Face fast tokenizer (GPT-2, Llama 3, Qwen, ...); never touches the network.
 
-  Any of SPECIAL_TOKENS the checkpoint lacks is appended as a new special token (GPT-2 already
-  has `<|endoftext|>`, so its EOS id stays 50256 and pad/system/user/assistant get 50257+).
+  Reads tokenizer.json / tokenizer_config.json (chat_template there or in chat_template.jinja) or
+  a vocab.json + merges.txt layout through transformers' AutoTokenizer (local files only), then
+  `wrap_backend`: GPT-2 keeps EOS 50256 and gets pad/system/user/assistant as 50257+.
   """
-  from transformers import AutoTokenizer  # heavy import, only needed here
-
   path = Path(directory)
   if not path.is_dir():
     raise ValueError(f"tokenizer.py: load_hf directory {directory} does not exist")
-  hf_tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-  backend = getattr(hf_tok, "backend_tokenizer", None) or getattr(hf_tok, "_tokenizer", None)
-  if not isinstance(backend, tokenizers.Tokenizer):
-    raise ValueError(f"tokenizer.py: {directory} did not load as a fast (tokenizers-backed) tokenizer")
-  backend = tokenizers.Tokenizer.from_str(backend.to_str())  # private copy; do not mutate transformers' object
-  backend.no_padding()
-  backend.no_truncation()
-  missing = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is None]
-  if missing:
-    backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in missing])
-  return Tokenizer(backend)
+  backend, special_tokens, template = _hf_parts(path)
+  return wrap_backend(backend, special_tokens, template)
+
+
+# ------------------------------------------------------------------------------ compatibility
+
+
+def _rules(tok: Tokenizer) -> dict:
+  """The parts of tokenizer.json that decide how text splits (model merges, normaliser, ...)."""
+  spec = json.loads(tok.backend.to_str())
+  model = {k: v for k, v in (spec.get("model") or {}).items() if k != "vocab"}
+  return {"model": model, **{k: spec.get(k) for k in ("normalizer", "pre_tokenizer")}}
+
+
+def check_compatible(a: Tokenizer, b: Tokenizer, name_a: str, name_b: str) -> None:
+  """Raise one ValueError naming both tokenizers (e.g. their directories) and every difference
+  that would make ids of one meaningless to a model trained with the other: vocabulary size, the
+  vocabulary itself, tokenization rules, pad/eos ids, the chat template."""
+  diffs = []
+  if a.vocab_size != b.vocab_size:
+    diffs.append(f"vocab size ({a.vocab_size} vs {b.vocab_size})")
+  va, vb = a.backend.get_vocab(with_added_tokens=True), b.backend.get_vocab(with_added_tokens=True)
+  if va != vb:
+    changed = sorted(t for t in set(va) | set(vb) if va.get(t) != vb.get(t))
+    diffs.append(f"vocabulary ({len(changed)} tokens differ, e.g. "
+                 + ", ".join(f"{t!r}: {va.get(t)} vs {vb.get(t)}" for t in changed[:3]) + ")")
+  elif _rules(a) != _rules(b):
+    diffs.append("tokenization rules (merges, normalizer or pre-tokenizer)")
+  if a.pad_id != b.pad_id:
+    diffs.append(f"pad id ({a.pad_id} vs {b.pad_id})")
+  if a.eos_id != b.eos_id:
+    diffs.append(f"eos id ({a.eos_id} vs {b.eos_id})")
+  if a.chat_template != b.chat_template:
+    show = lambda t: "the built-in role format" if t is None else f"template {t[:40]!r}..."
+    diffs.append(f"chat template ({show(a.chat_template)} vs {show(b.chat_template)})")
+  if diffs:
+    raise ValueError(f"tokenizer.py: {name_a} and {name_b} must share one tokenizer but differ in: "
+                     + "; ".join(diffs))
