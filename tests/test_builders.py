@@ -214,6 +214,28 @@ def test_jsonl_comparisons_explicit_splits_and_skip_stats(tmp_path):
     B.load("jsonl_comparisons/mine", "validation", tmp_path / "d", data_files=files)
 
 
+def test_jsonl_builders_read_trl_shapes(tmp_path):
+  """TRL's conversational preference lines, once refused ("expected a string, got list")."""
+  user, good, bad = ({"role": r, "content": c} for r, c in
+                     (("user", "q"), ("assistant", "good"), ("assistant", "bad")))
+  path = write_jsonl(tmp_path / "prefs.jsonl", [
+      {"prompt": [user], "chosen": [good], "rejected": [bad]},
+      {"prompt": [user], "chosen": [good], "rejected": [{"role": "assistant", "content": ""}]},
+  ])
+  comparisons = B.load("jsonl_comparisons", "train", tmp_path / "d", data_files=path)
+  assert [strip_id(e) for e in comparisons] == [
+      {"messages": [user], "responses": ["good", "bad"], "ranks": [0, 1]}]
+  assert comparisons.stats["train"]["skipped"] == {"empty_response": 1}
+  demos = B.load("jsonl_demonstrations", "train", tmp_path / "d", data_files=path)
+  assert [strip_id(e) for e in demos] == [{"messages": [user, good]}] * 2
+  prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": [user]}])
+  assert [strip_id(e) for e in B.load("jsonl_prompts", "train", tmp_path / "d",
+                                      data_files=prompts)] == [{"messages": [user]}]
+  with pytest.raises(ValueError, match="prompts.jsonl:1: no demonstration fields: this is a "
+                     "'conversational_prompt_only' line"):
+    B.load("jsonl_demonstrations", "train", tmp_path / "d", data_files=prompts)
+
+
 def test_jsonl_bad_line_fails_build_with_location_then_fixed_file_builds(tmp_path):
   path = write_jsonl(tmp_path / "demos.jsonl", [
       {"prompt": "p", "response": "r"},
@@ -276,6 +298,15 @@ def test_text_corpus_jsonl_rows_and_units(tmp_path):
 
 
 # --------------------------------------------------------------------------------- load errors
+
+
+def test_empty_data_dir_is_refused_instead_of_building_into_cwd(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  ok = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "p"}])
+  for empty in ("", "  ", None):
+    with pytest.raises(ValueError, match="data_dir is empty: the TFDS build .* current directory"):
+      B.load("jsonl_prompts", "train", empty, data_files=ok)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]
 
 
 def test_load_argument_errors(tmp_path):

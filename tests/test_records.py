@@ -131,7 +131,8 @@ def test_parse_demonstrations_accepted_shapes():
     ({"messages": [USER]}, "messages", "must end with the assistant response"),
     ({"messages": [{"role": "system", "content": "s"}, USER, ASSISTANT, ASSISTANT]}, "messages",
      "must follow a user turn"),
-    ({"prompt": "p"}, "response", "missing"),
+    # A prompt-only line has no reply: it gives prompts only (the error names the shape).
+    ({"prompt": "p"}, None, "no demonstration fields: this is a 'standard_prompt_only' line"),
     ({"prompt": "p", "response": ""}, "response", "is empty"),
     ({"prompt": "p", "response": ["r"]}, "response", "expected a string, got list"),
     ({"prompt": "p", "messages": [USER], "response": "r"}, "messages", "not both"),
@@ -156,9 +157,11 @@ def test_parse_prompts_shapes_and_errors():
   assert R.parse_prompts({"messages": [USER]}, "w") == [{"messages": [USER]}]
   seed = {"instruction": "Do X.", "instances": [{"input": "in", "output": "o"}]}
   assert R.parse_prompts(seed, "w") == [{"messages": [{"role": "user", "content": "Do X.\n\nin"}]}]
+  # A dialogue ending with the assistant gives the prompt before that reply.
+  assert R.parse_prompts({"messages": [USER, ASSISTANT]}, "w") == [{"messages": [USER]}]
   with raises_at("p.jsonl:2", "messages", "must end with a user turn"):
-    R.parse_prompts({"messages": [USER, ASSISTANT]}, "p.jsonl:2")
-  with raises_at("p.jsonl:2", None, "no prompt fields"):
+    R.parse_prompts({"messages": [USER, ASSISTANT, ASSISTANT]}, "p.jsonl:2")
+  with raises_at("p.jsonl:2", None, "unknown line shape"):
     R.parse_prompts({"question": "q"}, "p.jsonl:2")
 
 
@@ -193,10 +196,8 @@ def test_parse_comparison_shapes_ties_and_gaps():
     ({"responses": ["a", "b"], "ranks": "01"}, "ranks", "expected a list"),
     ({"responses": ["a", "b"]}, "ranks", "missing"),
     ({"responses": ["a"], "ranks": [0]}, "responses", "at least 2"),
-    ({"responses": ["a", " "], "ranks": [0, 1]}, "responses[1]", "is empty"),
     ({"responses": ["a", 2], "ranks": [0, 1]}, "responses[1]", "expected a string, got int"),
     ({"chosen": "a"}, "rejected", "missing"),
-    ({"chosen": "", "rejected": "b"}, "chosen", "is empty"),
     ({"chosen": "a", "rejected": "b", "ranks": [0, 1]}, "responses", "not both"),
     ({}, "responses", "missing"),
 ])
@@ -209,6 +210,10 @@ def test_parse_comparison_errors(extra, key, match):
     ({"responses": ["a", "b", "a "], "ranks": [0, 1, 2]}, "duplicate_responses"),
     ({"chosen": "same", "rejected": "same"}, "duplicate_responses"),
     ({"responses": ["a", "b", "c"], "ranks": [1, 1, 1]}, "all_tied"),
+    # A blank reply is skipped and counted, not an error (as in HH-RLHF and OASST).
+    ({"chosen": "", "rejected": "b"}, "empty_response"),
+    ({"chosen": "a", "rejected": " \n"}, "empty_response"),
+    ({"responses": ["a", " "], "ranks": [0, 1]}, "empty_response"),
 ])
 def test_parse_comparison_skips(extra, reason):
   with pytest.raises(R.Skip) as info:
@@ -237,6 +242,220 @@ def test_parse_jsonl_multi_instance_ids(tmp_path):
   tally = R.Tally()
   got = list(R.parse_jsonl(path, R.parse_demonstrations, tally))
   assert [rid for rid, _ in got] == [f"{path}:1#0", f"{path}:1#1"] and tally.seen == 1
+
+
+# -------------------------------------------------------------------------------- line shapes
+
+SYS = {"role": "system", "content": "be brief"}
+U2 = {"role": "user", "content": "and then?"}
+
+
+def msg(role, content):
+  return {"role": role, "content": content}
+
+
+def hh_text(*turns):
+  return "".join(f"\n\n{role}: {text}" for role, text in turns)
+
+
+@pytest.mark.parametrize("obj, shape", [
+    ({"text": "t"}, "standard_language_modeling"),
+    ({"messages": [USER, ASSISTANT]}, "conversational_language_modeling"),
+    ({"prompt": "p"}, "standard_prompt_only"),
+    ({"prompt": [USER]}, "conversational_prompt_only"),
+    ({"prompt": "p", "completion": "c"}, "standard_prompt_completion"),
+    ({"prompt": [USER], "completion": [ASSISTANT]}, "conversational_prompt_completion"),
+    ({"prompt": "p", "response": "r"}, "standard_prompt_response"),
+    ({"messages": [USER], "response": "r"}, "conversational_prompt_response"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b"}, "standard_preference"),
+    ({"prompt": [USER], "chosen": [ASSISTANT], "rejected": [ASSISTANT]}, "conversational_preference"),
+    ({"messages": [USER], "chosen": "a", "rejected": "b"}, "conversational_preference"),
+    ({"chosen": "x", "rejected": "y"}, "standard_implicit_prompt_preference"),
+    ({"chosen": [USER, ASSISTANT], "rejected": [USER]}, "conversational_implicit_prompt_preference"),
+    ({"prompt": "p", "responses": ["a", "b"], "ranks": [0, 1]}, "standard_kway"),
+    ({"messages": [USER], "responses": ["a", "b"], "ranks": [0, 1]}, "conversational_kway"),
+    ({"prompt": [USER], "responses": ["a", "b"], "ranks": [0, 1]}, "conversational_kway"),
+    ({"instruction": "i", "instances": []}, "self_instruct"),
+    ({"instruction": "i", "output": "o"}, "alpaca"),
+    ({"prompt": "p", "completion": "c", "label": True}, "standard_unpaired_preference"),
+    ({"prompt": [USER], "completion": [ASSISTANT], "label": False},
+     "conversational_unpaired_preference"),
+    ({"prompt": "p", "completions": ["a"], "labels": [True]}, "standard_stepwise_supervision"),
+])
+def test_detect_shape(obj, shape):
+  assert R.detect_shape(obj, "w") == shape
+  assert shape in R.SHAPES or shape in R.REFUSED_SHAPES
+
+
+def test_unknown_shape_names_location_and_lists_accepted_shapes():
+  with pytest.raises(ValueError) as info:
+    R.detect_shape({"question": "q", "answer": "a"}, "u.jsonl:4")
+  text = str(info.value)
+  assert text.startswith("u.jsonl:4: unknown line shape (keys ['answer', 'question'])")
+  assert all(name in text for name in R.SHAPES)
+
+
+def test_standard_shapes_for_each_kind():
+  q = [msg("user", "The sky is")]
+  pref = {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}
+  assert R.parse_line(pref, "w", "comparisons") == [
+      {"messages": q, "responses": [" blue.", " green."], "ranks": [0, 1]}]
+  assert R.parse_line(pref, "w", "demonstrations") == [{"messages": q + [msg("assistant", " blue.")]}]
+  assert R.parse_line(pref, "w", "prompts") == [{"messages": q}]
+  pc = {"prompt": "The sky is", "completion": " blue."}
+  assert R.parse_line(pc, "w", "demonstrations") == [{"messages": q + [msg("assistant", " blue.")]}]
+  assert R.parse_line(pc, "w", "prompts") == [{"messages": q}]
+  assert R.parse_line({"prompt": "The sky is"}, "w", "prompts") == [{"messages": q}]
+  assert R.parse_line({"text": "The sky is blue."}, "w", "text") == [{"text": "The sky is blue."}]
+  with_system = {"prompt": "p", "system": "s", "completion": "c"}
+  assert R.parse_line(with_system, "w", "prompts") == [{"messages": [msg("system", "s"),
+                                                                     msg("user", "p")]}]
+
+
+def test_conversational_shapes_for_each_kind():
+  prompt = [SYS, USER]
+  pref = {"prompt": prompt, "chosen": [msg("assistant", "good")],
+          "rejected": [msg("assistant", "bad")]}
+  assert R.parse_line(pref, "w", "comparisons") == [
+      {"messages": prompt, "responses": ["good", "bad"], "ranks": [0, 1]}]
+  assert R.parse_line(pref, "w", "demonstrations") == [{"messages": prompt + [msg("assistant", "good")]}]
+  assert R.parse_line(pref, "w", "prompts") == [{"messages": prompt}]
+  pc = {"prompt": prompt, "completion": [ASSISTANT]}
+  assert R.parse_line(pc, "w", "demonstrations") == [{"messages": prompt + [ASSISTANT]}]
+  assert R.parse_line(pc, "w", "prompts") == [{"messages": prompt}]
+  assert R.parse_line({"prompt": prompt}, "w", "prompts") == [{"messages": prompt}]
+  dialogue = {"messages": prompt + [ASSISTANT]}
+  assert R.parse_line(dialogue, "w", "demonstrations") == [dialogue]
+  assert R.parse_line(dialogue, "w", "prompts") == [{"messages": prompt}]
+  kway = {"prompt": prompt, "responses": ["a", "b", "c"], "ranks": [1, 0, 0]}
+  assert R.parse_line(kway, "w", "comparisons") == [
+      {"messages": prompt, "responses": ["a", "b", "c"], "ranks": [1, 0, 0]}]
+  # The best response; on a tie at the top, the first of them.
+  assert R.parse_line(kway, "w", "demonstrations") == [{"messages": prompt + [msg("assistant", "b")]}]
+
+
+def test_conversational_reply_continues_the_prompt():
+  turn = [ASSISTANT, U2]
+  pref = {"prompt": [USER], "chosen": turn + [msg("assistant", "x")],
+          "rejected": turn + [msg("assistant", "y")]}
+  assert R.parse_line(pref, "w", "comparisons")[0]["messages"] == [USER, ASSISTANT, U2]
+  # A reply that repeats the prompt first (UltraFeedback's string prompt + full dialogue).
+  copy = {"prompt": "hi", "chosen": [USER, msg("assistant", "x")],
+          "rejected": [USER, msg("assistant", "y")]}
+  assert R.parse_line(copy, "w", "comparisons") == [
+      {"messages": [USER], "responses": ["x", "y"], "ranks": [0, 1]}]
+  completion = {"prompt": [USER], "completion": turn + [msg("assistant", "z")]}
+  assert R.parse_line(completion, "w", "demonstrations") == [
+      {"messages": [USER, ASSISTANT, U2, msg("assistant", "z")]}]
+
+
+@pytest.mark.parametrize("obj, kind, key, match", [
+    ({"prompt": [USER], "chosen": [ASSISTANT, U2, ASSISTANT], "rejected": [ASSISTANT]},
+     "comparisons", "rejected", "differ from those of 'chosen'"),
+    ({"prompt": [USER], "chosen": [U2], "rejected": [ASSISTANT]}, "comparisons", "chosen[0].role",
+     "must end with an assistant message"),
+    ({"prompt": [USER], "chosen": [ASSISTANT, ASSISTANT], "rejected": [ASSISTANT, ASSISTANT]},
+     "comparisons", "chosen", "must end with a user turn"),
+    ({"prompt": [USER], "chosen": [SYS, ASSISTANT], "rejected": [SYS, ASSISTANT]}, "comparisons",
+     "chosen", "system message is allowed only first"),
+    ({"prompt": [USER], "chosen": 3, "rejected": "b"}, "comparisons", "chosen",
+     "expected a string or a list"),
+    ({"prompt": [USER, ASSISTANT], "chosen": "a", "rejected": "b"}, "comparisons", "prompt",
+     "must end with a user turn"),
+    ({"prompt": [USER], "system": "s"}, "prompts", "system", "first in the list"),
+    ({"prompt": 7}, "prompts", "prompt", "expected a string or a list"),
+    ({"prompt": [USER], "completion": [msg("assistant", " ")]}, "demonstrations", "completion",
+     "is empty"),
+    ({"prompt": [{"role": "bot", "content": "x"}]}, "prompts", "prompt[0].role", "unknown role"),
+])
+def test_conversational_errors(obj, kind, key, match):
+  with raises_at("c.jsonl:2", key, match):
+    R.parse_line(obj, "c.jsonl:2", kind)
+
+
+def test_implicit_prompt_conversational_pairs():
+  chosen = [SYS, USER, ASSISTANT, U2, msg("assistant", "good")]
+  rejected = chosen[:-1] + [msg("assistant", "bad")]
+  pair = {"chosen": chosen, "rejected": rejected}
+  assert R.parse_line(pair, "w", "comparisons") == [
+      {"messages": chosen[:-1], "responses": ["good", "bad"], "ranks": [0, 1]}]
+  assert R.parse_line(pair, "w", "demonstrations") == [{"messages": chosen}]
+  assert R.parse_line(pair, "w", "prompts") == [{"messages": chosen[:-1]}]
+  other = {"chosen": chosen, "rejected": [USER, msg("assistant", "bad")]}
+  for kind in ("comparisons", "demonstrations", "prompts"):
+    with pytest.raises(R.Skip, match="prompt_mismatch"):
+      R.parse_line(other, "w", kind)
+  with pytest.raises(R.Skip, match="empty_response"):
+    R.parse_line({"chosen": chosen, "rejected": chosen[:-1] + [msg("assistant", "")]}, "w",
+                 "comparisons")
+  with raises_at("i.jsonl:1", "rejected[1].role", "must end with the assistant reply"):
+    R.parse_line({"chosen": [USER, ASSISTANT], "rejected": [USER, U2]}, "i.jsonl:1", "prompts")
+
+
+def test_implicit_prompt_standard_pairs_are_hh_transcripts():
+  prompt = [("Human", "hi"), ("Assistant", "yes?"), ("Human", "tell me")]
+  pair = {"chosen": hh_text(*prompt, ("Assistant", "sure")), "rejected": hh_text(*prompt, ("Assistant", ""))}
+  messages = [msg("user", "hi"), msg("assistant", "yes?"), msg("user", "tell me")]
+  with pytest.raises(R.Skip, match="empty_response"):
+    R.parse_line(pair, "w", "comparisons")
+  # The blank rejected reply does not matter to a demonstration or a prompt.
+  assert R.parse_line(pair, "w", "demonstrations") == [{"messages": messages + [msg("assistant", "sure")]}]
+  assert R.parse_line(pair, "w", "prompts") == [{"messages": messages}]
+  mismatch = {"chosen": hh_text(("Human", "a"), ("Assistant", "x")),
+              "rejected": hh_text(("Human", "b"), ("Assistant", "y"))}
+  with pytest.raises(R.Skip, match="prompt_mismatch"):
+    R.parse_line(mismatch, "w", "prompts")
+  with raises_at("t.jsonl:3", "chosen", "must be HH transcripts"):
+    R.parse_line({"chosen": "The sky is blue.", "rejected": "The sky is green."}, "t.jsonl:3",
+                 "comparisons")
+
+
+@pytest.mark.parametrize("obj, shape", [
+    ({"prompt": "p", "completion": "c", "label": True}, "standard_unpaired_preference"),
+    ({"prompt": [USER], "completion": [ASSISTANT], "label": False},
+     "conversational_unpaired_preference"),
+    ({"prompt": "p", "completions": ["a", "b"], "labels": [True, False]},
+     "standard_stepwise_supervision"),
+])
+def test_refused_shapes_name_location_for_every_kind(obj, shape):
+  for kind in R.KINDS:
+    with raises_at("k.jsonl:8", None, f"shape '{shape}'.*which no stage here uses"):
+      R.parse_line(obj, "k.jsonl:8", kind)
+
+
+@pytest.mark.parametrize("obj, kind, key, match", [
+    ({"prompt": [USER]}, "demonstrations", None,
+     "no demonstration fields: this is a 'conversational_prompt_only' line"),
+    ({"prompt": "p", "completion": "c"}, "comparisons", "responses",
+     "missing: this is a 'standard_prompt_completion' line"),
+    ({"messages": [USER, ASSISTANT]}, "text", None,
+     "no text fields: this is a 'conversational_language_modeling' line.*the text kind reads only"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b"}, "text", None, "no text fields"),
+    ({"text": "t"}, "prompts", None, "no prompt fields: this is a 'standard_language_modeling'"),
+    ({"text": "t"}, "comparisons", "responses", "missing"),
+])
+def test_kind_a_shape_cannot_give_is_an_error(obj, kind, key, match):
+  with raises_at("s.jsonl:6", key, match):
+    R.parse_line(obj, "s.jsonl:6", kind)
+
+
+def test_normalise_kind_and_convert_record():
+  assert R.normalise_kind("comparison") == "comparisons"
+  with pytest.raises(ValueError, match="unknown record kind 'pairs'"):
+    R.normalise_kind("pairs")
+  comparison = {"id": "x:1", "task": "{}", "messages": [USER], "responses": ["a", "b"],
+                "ranks": [1, 0]}
+  assert R.convert_record(comparison, "comparison", "demonstrations") == {
+      "id": "x:1", "task": "{}", "messages": [USER, msg("assistant", "b")]}
+  assert R.convert_record(comparison, "comparison", "prompt") == {
+      "id": "x:1", "task": "{}", "messages": [USER]}
+  demo = {"id": "d", "messages": [USER, ASSISTANT]}
+  assert R.convert_record(demo, "demonstration", "prompts") == {"id": "d", "messages": [USER]}
+  assert R.convert_record(demo, "demonstrations", "demonstrations") == demo
+  with pytest.raises(ValueError, match="prompts records cannot be turned into demonstrations"):
+    R.convert_record({"messages": [USER]}, "prompt", "demonstrations")
+  with pytest.raises(R.Skip, match="empty_response"):
+    R.convert_record({**comparison, "responses": ["a", " "]}, "comparison", "demonstrations")
 
 
 # ------------------------------------------------------------------------------------ HH-RLHF

@@ -14,19 +14,40 @@ Message rules (every kind): roles are ``system`` / ``user`` / ``assistant``; ``s
 first message; at least one ``user`` message; every ``content`` is a non-blank string (kept verbatim,
 never stripped, except in HH-RLHF transcripts whose turn markers we cut ourselves).
 
+Line shapes (:func:`detect_shape`, names in ``SHAPES``). Every TRL dataset type in its standard
+(strings) and conversational (message lists) form, plus ours: language modelling (``text`` /
+``messages``), prompt-only (``prompt``), prompt-completion (``prompt`` + ``completion``),
+preference (``prompt`` + ``chosen`` + ``rejected``, or the implicit-prompt form: ``chosen`` and
+``rejected`` whole dialogues, HH transcripts when strings, whose shared part is the prompt),
+K-way (``prompt`` or ``messages`` + ``responses`` + ``ranks``, rank 0 best, equal ranks a tie),
+``prompt``/``messages`` + ``response``, Self-Instruct and Alpaca. A standard prompt is one user
+message (after the optional ``"system"`` string); a conversational prompt is a message list
+(``system`` allowed first). A conversational reply (``chosen``, ``rejected``, ``completion``) is
+a message list ending with the assistant reply; messages before it continue the prompt (a copy
+of the prompt at its start is dropped) and must be the same in ``chosen`` and ``rejected``.
+Unpaired preference (``prompt`` + ``completion`` + ``label``) and stepwise supervision are
+recognised and refused: no stage uses them. :func:`parse_line` turns a line into records of
+a kind: preference / K-way -> comparisons, demonstrations (best response) or prompts;
+prompt-completion, prompt-response, ``messages``, Self-Instruct, Alpaca -> demonstrations or
+prompts; prompt-only -> prompts; ``text`` -> text.
+
 Bad input policy. A *malformed* record (broken JSON, a missing key, a wrong type, an empty
-response, an invalid ranking, an unknown role) raises ``ValueError("<file>:<line>: key '<key>': ...")``
+demonstration reply, an invalid ranking, an unknown role, an unknown or refused shape, a shape
+that cannot give the kind asked for) raises ``ValueError("<file>:<line>: key '<key>': ...")``
 because it means the file is not what the user thinks it is. A *well-formed* record that carries
 no usable signal is skipped, and the skip is counted by reason in a :class:`Tally` that the
-builders report (log + dataset metadata). Skip reasons:
+builders and :mod:`rlhf_jax.data.sources` report. Skip reasons:
 
 ==========================  =====================================================================
 ``duplicate_responses``     two responses of a comparison are identical (after ``strip``); for
                             HH-RLHF this is chosen == rejected.
 ``all_tied``                every response of a comparison has the same rank (no preference).
-``prompt_mismatch``         HH-RLHF: chosen and rejected differ before their last
-                            ``"\\n\\nAssistant:"`` marker, so there is no shared prompt.
-``empty_response``          HH-RLHF / OASST: a response is blank (for user JSONL this is an error).
+``prompt_mismatch``         implicit-prompt pairs (HH-RLHF transcripts or message lists): chosen
+                            and rejected differ before their last assistant turn, so there is
+                            no shared prompt.
+``empty_response``          a response of a comparison is blank, in any source (user JSONL
+                            included: the line is skipped, not an error); for a demonstration
+                            taken from a comparison, its best response is blank.
 ``malformed_transcript``    HH-RLHF: text before the first turn marker, or no assistant marker.
 ``empty_turn``              HH-RLHF / OASST: a blank turn inside the prompt dialogue.
 ``prompt_not_ending_in_user``  HH-RLHF: the prompt dialogue ends with an assistant turn.
@@ -42,6 +63,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import gzip
 import hashlib
 import json
@@ -230,8 +252,13 @@ def _optional_system(obj: Mapping, where: str) -> list[dict]:
   return [{"role": "system", "content": text_field(obj, "system", where)}]
 
 
-def parse_messages(value: Any, where: str, key: str = "messages") -> list[dict]:
-  """Validates a dialogue: a non-empty list of ``{"role", "content"}`` (see module rules)."""
+def parse_messages(value: Any, where: str, key: str = "messages", *, require_user: bool = True,
+                   blank_last: bool = False) -> list[dict]:
+  """Validates a dialogue: a non-empty list of ``{"role", "content"}`` (see module rules).
+
+  ``require_user=False`` accepts a list without a user turn (a reply continuing a prompt);
+  ``blank_last=True`` lets the last message's content be blank (the caller skips such a reply).
+  """
   if not isinstance(value, list) or not value:
     raise field_error(where, key, "expected a non-empty list of {role, content} objects")
   out = []
@@ -251,10 +278,10 @@ def parse_messages(value: Any, where: str, key: str = "messages") -> list[dict]:
     content = m["content"]
     if not isinstance(content, str):
       raise field_error(where, f"{k}.content", f"expected a string, got {type(content).__name__}")
-    if not content.strip():
+    if not content.strip() and not (blank_last and i == len(value) - 1):
       raise field_error(where, f"{k}.content", "is empty")
     out.append({"role": role, "content": content})
-  if not any(m["role"] == "user" for m in out):
+  if require_user and not any(m["role"] == "user" for m in out):
     raise field_error(where, key, "has no user message")
   return out
 
@@ -264,19 +291,76 @@ def _check_not_both(obj: Mapping, where: str) -> None:
     raise field_error(where, "messages", "give either 'messages' or 'prompt', not both")
 
 
-def _prompt_messages(obj: Mapping, where: str) -> list[dict]:
-  """The prompt dialogue from ``"messages"`` or ``"prompt"`` (+ optional ``"system"``)."""
+def _prompt_dialogue(obj: Mapping, where: str) -> list[dict]:
+  """The prompt from ``"messages"``, a conversational ``"prompt"`` list, or a standard
+  ``"prompt"`` string (one user message, after the optional ``"system"``). Its last turn is
+  not checked here."""
   _check_not_both(obj, where)
   if "messages" in obj:
-    messages = parse_messages(obj["messages"], where)
-  elif "prompt" in obj:
-    messages = _optional_system(obj, where) + [
-        {"role": "user", "content": text_field(obj, "prompt", where)}
-    ]
-  else:
+    return parse_messages(obj["messages"], where)
+  if "prompt" not in obj:
     raise field_error(where, "messages", "missing (expected 'messages' or 'prompt')")
+  value = obj["prompt"]
+  if isinstance(value, list):
+    if obj.get("system") not in (None, ""):
+      raise field_error(where, "system", "with a message-list 'prompt', put the system message "
+                        "first in the list instead")
+    return parse_messages(value, where, "prompt")
+  if not isinstance(value, str):
+    raise field_error(where, "prompt", "expected a string or a list of {role, content} messages, "
+                      f"got {type(value).__name__}")
+  user = {"role": "user", "content": text_field(obj, "prompt", where)}
+  return _optional_system(obj, where) + [user]
+
+
+def _ends_with_user(messages: list[dict], where: str, key: str = "messages") -> list[dict]:
   if messages[-1]["role"] != "user":
-    raise field_error(where, "messages", f"must end with a user turn, got {messages[-1]['role']!r}")
+    raise field_error(where, key, f"must end with a user turn, got {messages[-1]['role']!r}")
+  return messages
+
+
+def _reply(value: Any, where: str, key: str) -> tuple[list[dict], str]:
+  """A reply given as a string, or as messages ending with the assistant reply.
+
+  Returns ``(messages before the reply, reply text)``; the text may be blank (the caller decides).
+  """
+  if isinstance(value, str):
+    return [], value
+  if not isinstance(value, list):
+    raise field_error(where, key, "expected a string or a list of {role, content} messages, "
+                      f"got {type(value).__name__}")
+  messages = parse_messages(value, where, key, require_user=False, blank_last=True)
+  last = len(messages) - 1
+  if messages[-1]["role"] != "assistant":
+    raise field_error(where, f"{key}[{last}].role", "the reply must end with an assistant "
+                      f"message, got {messages[-1]['role']!r}")
+  return messages[:-1], messages[-1]["content"]
+
+
+def _continue_prompt(prompt: list[dict], replies: Sequence[tuple[list[dict], str]],
+                     keys: Sequence[str], where: str) -> list[dict]:
+  """The whole prompt: ``prompt`` plus the messages every reply has before its final message.
+
+  A reply may repeat the prompt before continuing it (``[user, ..., assistant]`` next to a
+  string prompt): that copy is dropped. All replies must continue the prompt identically, and
+  the whole prompt must end with a user turn.
+  """
+  extensions = []
+  for (before, _), key in zip(replies, keys):
+    if before[:len(prompt)] == prompt:
+      before = before[len(prompt):]
+    if any(m["role"] == "system" for m in before):
+      raise field_error(where, key, "a system message is allowed only first in the prompt")
+    extensions.append(before)
+  for before, key in zip(extensions[1:], keys[1:]):
+    if before != extensions[0]:
+      raise field_error(where, key, f"its messages before the final reply differ from those of "
+                        f"'{keys[0]}'; every reply must continue the prompt with the same messages")
+  messages = prompt + extensions[0]
+  if messages[-1]["role"] != "user":
+    key = keys[0] if extensions[0] else "prompt"
+    raise field_error(where, key, "the prompt (with any messages before the reply) must end "
+                      f"with a user turn, got {messages[-1]['role']!r}")
   return messages
 
 
@@ -312,53 +396,6 @@ def _instruction_pairs(obj: Mapping, where: str) -> list[tuple[str, str | None, 
   return [(_instruction_prompt(instruction, inp), out, "")]
 
 
-_DEMO_FORMS = "'messages', 'prompt'+'response', 'instruction'+'instances', 'instruction'+'output'"
-
-
-def parse_demonstrations(obj: Mapping, where: str) -> list[Record]:
-  """One JSON object -> demonstration records (several for multi-instance Self-Instruct).
-
-  Accepted: ``{"messages"}`` (ends assistant after user); ``{"prompt", "response", "system"?}``;
-  Self-Instruct ``{"instruction", "instances"}``; Alpaca ``{"instruction", "input"?, "output"}``.
-  """
-  _check_not_both(obj, where)
-  if "messages" in obj:
-    messages = parse_messages(obj["messages"], where)
-    if messages[-1]["role"] != "assistant":
-      raise field_error(where, "messages", "must end with the assistant response, "
-                   f"got {messages[-1]['role']!r}")
-    if len(messages) < 2 or messages[-2]["role"] != "user":
-      raise field_error(where, "messages", "the assistant response must follow a user turn")
-    return [{"messages": messages}]
-  if "prompt" in obj:
-    prompt = _prompt_messages(obj, where)
-    return [{"messages": prompt + [{"role": "assistant",
-                                    "content": text_field(obj, "response", where)}]}]
-  if "instruction" in obj:
-    records = []
-    for prompt, output, prefix in _instruction_pairs(obj, where):
-      if output is None:
-        raise field_error(where, f"{prefix}output", "missing")
-      records.append({"messages": [{"role": "user", "content": prompt},
-                                   {"role": "assistant", "content": output}]})
-    return records
-  raise field_error(where, None, f"no demonstration fields; expected one of {_DEMO_FORMS}")
-
-
-def parse_prompts(obj: Mapping, where: str) -> list[Record]:
-  """One JSON object -> prompt records; any response/output field present is ignored.
-
-  Accepted: ``{"messages"}`` ending with a user turn; ``{"prompt", "system"?}``; Self-Instruct and
-  Alpaca records (one prompt per instance).
-  """
-  if "messages" in obj or "prompt" in obj:
-    return [{"messages": _prompt_messages(obj, where)}]
-  if "instruction" in obj:
-    return [{"messages": [{"role": "user", "content": p}]}
-            for p, _, _ in _instruction_pairs(obj, where)]
-  raise field_error(where, None, "no prompt fields; expected 'messages', 'prompt' or 'instruction'")
-
-
 # ---------------------------------------------------------------------------------- rankings
 
 
@@ -391,36 +428,328 @@ def ranked_group(messages: list[dict], responses: list[str], ranks: list[int]) -
   return {"messages": messages, "responses": list(responses), "ranks": dense_ranks(ranks)}
 
 
-def parse_comparison(obj: Mapping, where: str) -> Record:
-  """One JSON object -> a comparison record (or ``Skip``).
+def best_response(responses: Sequence[str], ranks: Sequence[int]) -> str:
+  """The best-ranked response (the first in order on a tie at the top)."""
+  return responses[list(ranks).index(min(ranks))]
 
-  Prompt: ``"messages"`` (ending with a user turn) or ``"prompt"`` (+ ``"system"``).
-  Responses: ``"responses"`` + ``"ranks"`` (K >= 2), or ``"chosen"`` + ``"rejected"`` (ranks 0, 1).
+
+def from_ranked(messages: list[dict], responses: list[str], ranks: list[int], kind: str
+                ) -> Record:
+  """A ranked group (prompt ending with a user turn) as a record of ``kind``; raises ``Skip``.
+
+  comparisons: a blank response is ``empty_response``, then the rules of :func:`ranked_group`;
+  demonstrations: the prompt with the best response (``empty_response`` if it is blank);
+  prompts: the prompt.
   """
-  messages = _prompt_messages(obj, where)
-  listed = "responses" in obj or "ranks" in obj
-  paired = "chosen" in obj or "rejected" in obj
-  if listed and paired:
-    raise field_error(where, "responses", "give 'responses'+'ranks' or 'chosen'+'rejected', not both")
-  if paired:
-    responses = [text_field(obj, "chosen", where), text_field(obj, "rejected", where)]
-    ranks = [0, 1]
-  elif listed:
-    value = get_field(obj, "responses", where)
-    if not isinstance(value, list) or len(value) < 2:
-      raise field_error(where, "responses", "expected a list of at least 2 strings")
-    responses = []
-    for i, r in enumerate(value):
-      if not isinstance(r, str):
-        raise field_error(where, f"responses[{i}]", f"expected a string, got {type(r).__name__}")
-      if not r.strip():
-        raise field_error(where, f"responses[{i}]", "is empty")
-      responses.append(r)
-    ranks = parse_ranks(get_field(obj, "ranks", where), len(responses), where)
-  else:
-    raise field_error(where, "responses", "missing (expected 'responses'+'ranks' or "
-                 "'chosen'+'rejected')")
+  if kind == "prompts":
+    return {"messages": messages}
+  if kind == "demonstrations":
+    best = best_response(responses, ranks)
+    if not best.strip():
+      raise Skip("empty_response")
+    return {"messages": messages + [{"role": "assistant", "content": best}]}
+  if any(not r.strip() for r in responses):
+    raise Skip("empty_response")
   return ranked_group(messages, responses, ranks)
+
+
+# -------------------------------------------------------------------------------- line shapes
+
+KINDS = ("demonstrations", "comparisons", "prompts", "text")
+_KIND_ALIASES = {"demonstration": "demonstrations", "comparison": "comparisons",
+                 "prompt": "prompts"}
+_CDP = ("comparisons", "demonstrations", "prompts")
+_DP = ("demonstrations", "prompts")
+_MSGS = "[{role, content}, ...]"
+
+# shape name -> (what a line looks like, the record kinds it gives). Names follow TRL's dataset
+# "<format>_<type>": standard = strings, conversational = message lists.
+SHAPES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "standard_language_modeling": ('{"text": str}', ("text",)),
+    "conversational_language_modeling": (f'{{"messages": {_MSGS}}}', _DP),
+    "standard_prompt_only": ('{"prompt": str, "system"?: str}', ("prompts",)),
+    "conversational_prompt_only": (f'{{"prompt": {_MSGS}}}', ("prompts",)),
+    "standard_prompt_completion": ('{"prompt": str, "completion": str}', _DP),
+    "conversational_prompt_completion": (f'{{"prompt": {_MSGS}, "completion": {_MSGS}}}', _DP),
+    "standard_prompt_response": ('{"prompt": str, "response": str, "system"?: str}', _DP),
+    "conversational_prompt_response": (
+        f'{{"messages" or "prompt": {_MSGS}, "response": str}}', _DP),
+    "standard_preference": ('{"prompt": str, "chosen": str, "rejected": str}', _CDP),
+    "conversational_preference": (
+        f'{{"prompt" or "messages": {_MSGS}, "chosen": {_MSGS} or str, "rejected": same}}', _CDP),
+    "standard_implicit_prompt_preference": (
+        '{"chosen": str, "rejected": str} as HH transcripts "\\n\\nHuman: ...\\n\\nAssistant: ..."',
+        _CDP),
+    "conversational_implicit_prompt_preference": (
+        f'{{"chosen": {_MSGS}, "rejected": {_MSGS}}} (whole dialogues)', _CDP),
+    "standard_kway": ('{"prompt": str, "responses": [str, ...], "ranks": [int, ...]}', _CDP),
+    "conversational_kway": (
+        f'{{"prompt" or "messages": {_MSGS}, "responses": [str, ...], "ranks": [int, ...]}}', _CDP),
+    "self_instruct": ('{"instruction": str, "instances": [{"input", "output"}, ...]}', _DP),
+    "alpaca": ('{"instruction": str, "input"?: str, "output"?: str}', _DP),
+}
+# Shapes we recognise but no stage uses: a clear refusal instead of a wrong guess.
+REFUSED_SHAPES: dict[str, str] = {
+    "standard_unpaired_preference": '{"prompt": str, "completion": str, "label": bool}',
+    "conversational_unpaired_preference":
+        f'{{"prompt": {_MSGS}, "completion": {_MSGS}, "label": bool}}',
+    "standard_stepwise_supervision": '{"prompt": str, "completions": [str], "labels": [bool]}',
+}
+
+
+def normalise_kind(kind: str) -> str:
+  """``"demonstrations" | "comparisons" | "prompts" | "text"`` (singular names accepted)."""
+  name = _KIND_ALIASES.get(kind, kind)
+  if name not in KINDS:
+    raise ValueError(f"unknown record kind {kind!r}; expected one of {KINDS}")
+  return name
+
+
+def accepted_shapes() -> str:
+  """One line per accepted shape, for error messages."""
+  return "; ".join(f"{name} {example}" for name, (example, _) in SHAPES.items())
+
+
+def detect_shape(obj: Mapping, where: str) -> str:
+  """The shape name of one JSON object (a key of ``SHAPES`` or ``REFUSED_SHAPES``).
+
+  Decided by which keys are present; the value types only choose standard / conversational.
+  An object of no known shape is an error naming ``where`` and listing the accepted shapes.
+  """
+  keys = set(obj)
+  conversational = "messages" in keys or isinstance(obj.get("prompt"), list)
+  fmt = "conversational" if conversational else "standard"
+  if keys & {"responses", "ranks"}:
+    if keys & {"chosen", "rejected"}:
+      raise field_error(where, "responses", "give 'responses'+'ranks' or 'chosen'+'rejected', "
+                        "not both")
+    return f"{fmt}_kway"
+  if keys & {"chosen", "rejected"}:
+    if keys & {"prompt", "messages"}:
+      return f"{fmt}_preference"
+    dialogue_fmt = "conversational" if isinstance(obj.get("chosen"), list) else "standard"
+    return f"{dialogue_fmt}_implicit_prompt_preference"
+  if {"completions", "labels"} <= keys:
+    return "standard_stepwise_supervision"
+  if {"completion", "label"} <= keys:
+    return f"{fmt}_unpaired_preference"
+  if "completion" in keys:
+    return f"{fmt}_prompt_completion"
+  if "response" in keys:
+    return f"{fmt}_prompt_response"
+  if "instruction" in keys:
+    return "self_instruct" if "instances" in keys else "alpaca"
+  if "prompt" in keys:
+    return f"{fmt}_prompt_only"
+  if "messages" in keys:
+    return "conversational_language_modeling"
+  if "text" in keys:
+    return "standard_language_modeling"
+  raise field_error(where, None, f"unknown line shape (keys {sorted(keys)}); accepted shapes: "
+                    f"{accepted_shapes()}")
+
+
+def _refused(where: str, shape: str) -> ValueError:
+  what = ("unpaired preference (one completion with a good/bad label, as for KTO)"
+          if "unpaired" in shape else "stepwise supervision (labels per reasoning step)")
+  return field_error(where, None, f"shape '{shape}' {REFUSED_SHAPES[shape]} is {what}, which no "
+                     "stage here uses: the reward model learns from responses ranked against "
+                     "each other for the same prompt. Convert it to preference pairs "
+                     "('prompt'+'chosen'+'rejected') or K-way rankings ('responses'+'ranks')")
+
+
+def _wrong_kind(where: str, shape: str, kind: str) -> ValueError:
+  """The error for asking a line for a record kind its shape cannot give."""
+  gives = " or ".join(SHAPES[shape][1])
+  found = f"this is a '{shape}' line {SHAPES[shape][0]}, which gives {gives}"
+  if kind == "comparisons":
+    return field_error(where, "responses", f"missing: {found}; comparisons need 'chosen'+"
+                       "'rejected' (with or without 'prompt') or 'responses'+'ranks'")
+  if kind == "demonstrations":
+    return field_error(where, None, f"no demonstration fields: {found}; a demonstration needs "
+                       "a reply ('completion', 'response', 'output', 'chosen'/'rejected', "
+                       "'responses'+'ranks', or 'messages' ending with the assistant)")
+  if kind == "prompts":
+    return field_error(where, None, f"no prompt fields: {found}; a prompt needs 'prompt', "
+                       "'messages' or 'instruction'")
+  return field_error(where, None, f"no text fields: {found}; the text kind reads only "
+                     "{\"text\"} lines (or plain .txt files): dialogues become text through "
+                     "the chat format of the stage that owns the tokenizer")
+
+
+def _lm_line(obj: Mapping, where: str, kind: str, fmt: str) -> list[Record]:
+  if fmt == "standard":
+    return [parse_text_record(obj, where)]
+  messages = parse_messages(obj["messages"], where)
+  if kind == "prompts":
+    if messages[-1]["role"] == "assistant" and len(messages) > 1:
+      messages = messages[:-1]
+    return [{"messages": _ends_with_user(messages, where)}]
+  if messages[-1]["role"] != "assistant":
+    raise field_error(where, "messages", "must end with the assistant response, "
+                      f"got {messages[-1]['role']!r}")
+  if len(messages) < 2 or messages[-2]["role"] != "user":
+    raise field_error(where, "messages", "the assistant response must follow a user turn")
+  return [{"messages": messages}]
+
+
+def _prompt_only_line(obj: Mapping, where: str, kind: str, fmt: str) -> list[Record]:
+  key = "messages" if "messages" in obj else "prompt"
+  return [{"messages": _ends_with_user(_prompt_dialogue(obj, where), where, key)}]
+
+
+def _completion_line(obj: Mapping, where: str, kind: str, fmt: str, *, key: str
+                     ) -> list[Record]:
+  """``prompt``+``completion`` (TRL) or ``prompt``/``messages``+``response`` (ours)."""
+  prompt = _prompt_dialogue(obj, where)
+  if key == "response":
+    if kind == "prompts":  # the response is not needed, and not checked
+      return [{"messages": _ends_with_user(prompt, where)}]
+    reply = ([], text_field(obj, "response", where))
+  else:
+    reply = _reply(get_field(obj, key, where), where, key)
+  messages = _continue_prompt(prompt, [reply], [key], where)
+  if kind == "prompts":
+    return [{"messages": messages}]
+  if not reply[1].strip():
+    raise field_error(where, key, "is empty")
+  return [{"messages": messages + [{"role": "assistant", "content": reply[1]}]}]
+
+
+def _preference_line(obj: Mapping, where: str, kind: str, fmt: str) -> list[Record]:
+  keys = ("chosen", "rejected")
+  prompt = _prompt_dialogue(obj, where)
+  replies = [_reply(get_field(obj, k, where), where, k) for k in keys]
+  messages = _continue_prompt(prompt, replies, keys, where)
+  return [from_ranked(messages, [text for _, text in replies], [0, 1], kind)]
+
+
+def _implicit_line(obj: Mapping, where: str, kind: str, fmt: str) -> list[Record]:
+  """``chosen``/``rejected`` whole dialogues whose shared part is the prompt."""
+  if fmt == "standard":
+    chosen = text_field(obj, "chosen", where, allow_blank=True)
+    rejected = text_field(obj, "rejected", where, allow_blank=True)
+    if not (_HH_MARKER.search(chosen) or _HH_MARKER.search(rejected)):
+      raise field_error(where, "chosen", "an implicit-prompt pair (no 'prompt' key) must be HH "
+                        "transcripts ('\\n\\nHuman: ...\\n\\nAssistant: ...') whose shared part "
+                        "is the prompt; for plain-text pairs give the prompt as 'prompt'")
+    if kind == "comparisons":
+      return [parse_hh_pair(obj, where)]
+    messages, responses = hh_prompt_and_replies(chosen, rejected)
+    return [from_ranked(messages, responses, [0, 1], kind)]
+  dialogues = []
+  for key in ("chosen", "rejected"):
+    value = get_field(obj, key, where)
+    if not isinstance(value, list):
+      raise field_error(where, key, f"expected a list of {{role, content}} messages like "
+                        f"'chosen', got {type(value).__name__}")
+    dialogue = parse_messages(value, where, key, blank_last=True)
+    if dialogue[-1]["role"] != "assistant":
+      raise field_error(where, f"{key}[{len(dialogue) - 1}].role", "the dialogue must end with "
+                        f"the assistant reply, got {dialogue[-1]['role']!r}")
+    dialogues.append(dialogue)
+  if dialogues[0][:-1] != dialogues[1][:-1]:
+    raise Skip("prompt_mismatch")
+  prompt = _ends_with_user(dialogues[0][:-1], where, "chosen")
+  return [from_ranked(prompt, [d[-1]["content"] for d in dialogues], [0, 1], kind)]
+
+
+def _kway_line(obj: Mapping, where: str, kind: str, fmt: str) -> list[Record]:
+  prompt = _prompt_dialogue(obj, where)
+  messages = _ends_with_user(prompt, where, "messages" if "messages" in obj else "prompt")
+  value = get_field(obj, "responses", where)
+  if not isinstance(value, list) or len(value) < 2:
+    raise field_error(where, "responses", "expected a list of at least 2 strings")
+  for i, r in enumerate(value):
+    if not isinstance(r, str):
+      raise field_error(where, f"responses[{i}]", f"expected a string, got {type(r).__name__}")
+  ranks = parse_ranks(get_field(obj, "ranks", where), len(value), where)
+  return [from_ranked(messages, list(value), ranks, kind)]
+
+
+def _instruction_line(obj: Mapping, where: str, kind: str, fmt: str) -> list[Record]:
+  out = []
+  for prompt, output, prefix in _instruction_pairs(obj, where):
+    messages = [{"role": "user", "content": prompt}]
+    if kind == "demonstrations":
+      if output is None:
+        raise field_error(where, f"{prefix}output", "missing")
+      messages.append({"role": "assistant", "content": output})
+    out.append({"messages": messages})
+  return out
+
+
+_LINE_PARSERS: dict[str, Callable[..., list[Record]]] = {
+    "language_modeling": _lm_line,
+    "prompt_only": _prompt_only_line,
+    "prompt_completion": functools.partial(_completion_line, key="completion"),
+    "prompt_response": functools.partial(_completion_line, key="response"),
+    "preference": _preference_line,
+    "implicit_prompt_preference": _implicit_line,
+    "kway": _kway_line,
+    "self_instruct": _instruction_line,
+    "alpaca": _instruction_line,
+}
+
+
+def _split_shape(shape: str) -> tuple[str, str]:
+  """``"conversational_preference" -> ("conversational", "preference")``; un-prefixed shapes
+  (Self-Instruct, Alpaca) are standard."""
+  fmt, _, line_type = shape.partition("_")
+  return (fmt, line_type) if fmt in ("standard", "conversational") else ("standard", shape)
+
+
+def parse_line(obj: Mapping, where: str, kind: str, shape: str | None = None) -> list[Record]:
+  """One JSON object of any accepted shape -> records of ``kind`` (raises ``Skip``/``ValueError``).
+
+  ``shape`` (from :func:`detect_shape`) is detected when not given. Conversions: preference
+  and K-way lines give comparisons, demonstrations (the best response) or prompts;
+  prompt-completion, prompt-response, ``messages``, Self-Instruct and Alpaca lines give
+  demonstrations or prompts; prompt-only lines give prompts; ``text`` lines give text. Asking
+  a line for a kind its shape cannot give, or a refused shape, is an error naming ``where``.
+  """
+  kind = normalise_kind(kind)
+  shape = shape or detect_shape(obj, where)
+  if shape in REFUSED_SHAPES:
+    raise _refused(where, shape)
+  if kind not in SHAPES[shape][1]:
+    raise _wrong_kind(where, shape, kind)
+  fmt, line_type = _split_shape(shape)
+  return _LINE_PARSERS[line_type](obj, where, kind, fmt)
+
+
+def parse_demonstrations(obj: Mapping, where: str) -> list[Record]:
+  """One JSON object -> demonstration records (several for multi-instance Self-Instruct)."""
+  return parse_line(obj, where, "demonstrations")
+
+
+def parse_prompts(obj: Mapping, where: str) -> list[Record]:
+  """One JSON object -> prompt records; a reply present in the line is not used."""
+  return parse_line(obj, where, "prompts")
+
+
+def parse_comparison(obj: Mapping, where: str) -> Record:
+  """One JSON object -> a comparison record (or ``Skip``)."""
+  return parse_line(obj, where, "comparisons")[0]
+
+
+def convert_record(record: Mapping, from_kind: str, to_kind: str) -> Record:
+  """A normalised record of ``from_kind`` as one of ``to_kind``; other keys (``id``, ``task``)
+  are kept. comparison -> demonstration (best response) or prompt; demonstration -> prompt.
+  Raises ``Skip("empty_response")`` for a blank best response, ``ValueError`` otherwise."""
+  source, target = normalise_kind(from_kind), normalise_kind(to_kind)
+  if source == target:
+    return dict(record)
+  extra = {k: v for k, v in record.items() if k not in ("messages", "responses", "ranks", "text")}
+  if source == "comparisons" and target != "text":
+    out = from_ranked(list(record["messages"]), list(record["responses"]), list(record["ranks"]),
+                      target)
+  elif source == "demonstrations" and target == "prompts":
+    out = {"messages": list(record["messages"][:-1])}
+  else:
+    raise ValueError(f"{source} records cannot be turned into {target} (comparisons give "
+                     "demonstrations or prompts, demonstrations give prompts)")
+  return {**extra, **out}
 
 
 # ----------------------------------------------------------------------------------- HH-RLHF
@@ -441,6 +770,37 @@ def parse_hh_transcript(text: str) -> list[dict]:
   return messages
 
 
+def _hh_cut(chosen: str, rejected: str) -> tuple[str, list[str]]:
+  """``(shared prompt text, [chosen reply, rejected reply])`` split at the last
+  ``"\\n\\nAssistant:"``; replies stripped. Raises ``Skip`` (malformed_transcript,
+  prompt_mismatch)."""
+  cut_c, cut_r = chosen.rfind(_HH_LAST), rejected.rfind(_HH_LAST)
+  if cut_c < 0 or cut_r < 0:
+    raise Skip("malformed_transcript")
+  if chosen[:cut_c] != rejected[:cut_r]:
+    raise Skip("prompt_mismatch")
+  return chosen[:cut_c], [chosen[cut_c + len(_HH_LAST):].strip(),
+                          rejected[cut_r + len(_HH_LAST):].strip()]
+
+
+def _hh_prompt(text: str) -> list[dict]:
+  """The prompt dialogue of an HH pair; raises ``Skip`` (see :func:`parse_hh_transcript`)."""
+  messages = parse_hh_transcript(text)
+  if messages[-1]["role"] != "user":
+    raise Skip("prompt_not_ending_in_user")
+  return messages
+
+
+def hh_prompt_and_replies(chosen: str, rejected: str) -> tuple[list[dict], list[str]]:
+  """The prompt dialogue and the two replies (possibly blank) of an HH transcript pair.
+
+  Only the transcript structure is checked (skips malformed_transcript, prompt_mismatch,
+  empty_turn, prompt_not_ending_in_user); the replies are left to the caller.
+  """
+  text, replies = _hh_cut(chosen, rejected)
+  return _hh_prompt(text), replies
+
+
 def parse_hh_pair(obj: Mapping, where: str) -> Record:
   """HH-RLHF ``{"chosen", "rejected"}`` -> comparison with ranks ``[0, 1]`` (or ``Skip``).
 
@@ -450,20 +810,12 @@ def parse_hh_pair(obj: Mapping, where: str) -> Record:
   prompt_not_ending_in_user).
   """
   chosen, rejected = text_field(obj, "chosen", where), text_field(obj, "rejected", where)
-  cut_c, cut_r = chosen.rfind(_HH_LAST), rejected.rfind(_HH_LAST)
-  if cut_c < 0 or cut_r < 0:
-    raise Skip("malformed_transcript")
-  if chosen[:cut_c] != rejected[:cut_r]:
-    raise Skip("prompt_mismatch")
-  responses = [chosen[cut_c + len(_HH_LAST):].strip(), rejected[cut_r + len(_HH_LAST):].strip()]
+  text, responses = _hh_cut(chosen, rejected)
   if not all(responses):
     raise Skip("empty_response")
   if responses[0] == responses[1]:
     raise Skip("duplicate_responses")
-  messages = parse_hh_transcript(chosen[:cut_c])
-  if messages[-1]["role"] != "user":
-    raise Skip("prompt_not_ending_in_user")
-  return {"messages": messages, "responses": responses, "ranks": [0, 1]}
+  return {"messages": _hh_prompt(text), "responses": responses, "ranks": [0, 1]}
 
 
 # -------------------------------------------------------------------------------------- OASST

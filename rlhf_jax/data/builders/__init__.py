@@ -17,6 +17,9 @@ Usage::
     len(src), src[0]["responses"], src.stats["test"]["skipped"]
 
 No TensorFlow is needed: TFDS builds and reads ``array_record`` files with numpy only.
+``data_dir`` must be given (an empty one is refused: TFDS would build into the current directory).
+Stages read data through :func:`rlhf_jax.data.sources.load`, which picks the cache directory,
+the raw-file folder and the held-out split, and reads user files of any TRL shape directly.
 """
 
 from __future__ import annotations
@@ -40,7 +43,20 @@ BUILDERS: dict[str, type[RecordBuilder]] = {
                 TextCorpus, SyntheticInstruct, Gpt1Tasks)
 }
 
-__all__ = ["BUILDERS", "RecordSource", "get_builder", "load", "prepare"]
+__all__ = ["BUILDERS", "RecordSource", "check_data_dir", "get_builder", "load", "open_split",
+           "prepare"]
+
+
+def check_data_dir(data_dir: str | os.PathLike | None) -> str:
+  """``data_dir`` as a string; an empty one is refused (TFDS would build into the current
+  directory)."""
+  if data_dir is None or not os.fspath(data_dir).strip():
+    raise ValueError(
+        "data_dir is empty: the TFDS build (and its downloads/) would be written into the "
+        "current directory. Pass a cache directory (a stage uses <workdir>/data), or read "
+        "through rlhf_jax.data.sources.load, which defaults to $TFDS_DATA_DIR or "
+        "~/tensorflow_datasets")
+  return os.fspath(data_dir)
 
 
 def get_builder(name: str, data_dir: str | os.PathLike, manual_dir: str | os.PathLike | None = None,
@@ -48,8 +64,10 @@ def get_builder(name: str, data_dir: str | os.PathLike, manual_dir: str | os.Pat
   """The array_record builder for ``"<builder>[/<config or label>]"`` and config fields.
 
   ``config`` holds config fields: overrides of a predefined config (e.g. ``drop_deleted=True``),
-  or for user-file builders ``data_files`` plus options. Raises ``ValueError`` for unknown names.
+  or for user-file builders ``data_files`` plus options. Raises ``ValueError`` for unknown names
+  and for an empty ``data_dir``.
   """
+  data_dir = check_data_dir(data_dir)
   base, _, sub = name.partition("/")
   if base not in BUILDERS:
     raise ValueError(f"unknown dataset {base!r}; choose one of {sorted(BUILDERS)}")
@@ -58,7 +76,7 @@ def get_builder(name: str, data_dir: str | os.PathLike, manual_dir: str | os.Pat
   # Predefined configs go by name: TFDS re-creates builders from their init kwargs when
   # unpickling, and rejects a copied config object that shares a predefined name.
   predefined = any(cfg is c for c in cls.BUILDER_CONFIGS)
-  return cls(config=cfg.name if predefined else cfg, data_dir=os.fspath(data_dir),
+  return cls(config=cfg.name if predefined else cfg, data_dir=data_dir,
              file_format="array_record")
 
 
@@ -86,5 +104,10 @@ def load(name: str, split: str, data_dir: str | os.PathLike,
   builder = prepare(get_builder(name, data_dir, manual_dir, **config), manual_dir)
   if "[" not in split and split not in builder.info.splits:
     raise ValueError(f"{name}: no split {split!r}; available: {sorted(builder.info.splits)}")
+  return open_split(builder, split)
+
+
+def open_split(builder: RecordBuilder, split: str) -> RecordSource:
+  """Split ``split`` of a prepared builder as a random-access source (with the build stats)."""
   return RecordSource(builder.as_data_source(split=split), builder.info.features,
                       builder.info.metadata.get("stats", {}))

@@ -38,7 +38,7 @@ from rlhf_jax.data import records
 from rlhf_jax.data import tokenizer as tok_lib
 from rlhf_jax.data.builders import common
 from rlhf_jax.data.builders.jsonl import JsonlConfig, make_user_config
-from rlhf_jax.gpt1.transforms import FIELDS, TASK_TOKENS, TASKS
+from rlhf_jax.data.gpt1_schema import FIELDS, TASK_TOKENS, TASKS
 
 _FORBIDDEN = tok_lib.SPECIAL_TOKENS + TASK_TOKENS
 

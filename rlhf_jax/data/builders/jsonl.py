@@ -1,11 +1,16 @@
 """TFDS builders for users' own JSON Lines: ``jsonl_demonstrations``, ``jsonl_comparisons``,
 ``jsonl_prompts``.
 
-Accepted line shapes are those of :func:`records.parse_demonstrations`,
-:func:`records.parse_comparison` and :func:`records.parse_prompts` (``messages`` dialogues,
-``prompt``/``response``, ``chosen``/``rejected``, Self-Instruct ``instruction``/``instances``,
-Alpaca ``instruction``/``input``/``output``). A malformed line stops the build with
-``ValueError("<file>:<line>: key '<key>': ...")``; skip-worthy comparisons are counted.
+Accepted line shapes are all those of :func:`records.detect_shape` (TRL's standard and
+conversational language-modelling, prompt-only, prompt-completion and preference forms, the
+implicit-prompt preference form, our K-way ``responses``/``ranks``, ``prompt``/``response``,
+Self-Instruct and Alpaca), each read as the builder's record kind by :func:`records.parse_line`
+(a preference line gives a demonstration with its chosen reply, or a prompt; a line whose shape
+cannot give the kind is an error). A malformed line stops the build with
+``ValueError("<file>:<line>: key '<key>': ...")``; skip-worthy comparisons (blank, duplicate or
+all-tied responses, implicit-prompt pairs without a shared prompt) are counted. Shapes are read
+line by line here; :func:`rlhf_jax.data.sources.load` reads files without TFDS and holds a file
+to one shape.
 
 Splits: ``data_files={"train": [...], "test": [...]}`` gives one split per entry. With
 ``validation_fraction=f > 0`` the ``train`` files are divided by a hash of each record's prompt
