@@ -9,13 +9,14 @@ import functools
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import sampling
-from rlhf_jax.data import pipeline
+from rlhf_jax.data import batching, pipeline
 from rlhf_jax.data.tokenizer import Tokenizer
-from rlhf_jax.model import heads
+from rlhf_jax.losses import ppo as ppo_losses
+from rlhf_jax.losses.lm import token_logprobs
+from rlhf_jax.model import gpt, heads
 
 Messages = Sequence[dict]
 
@@ -35,19 +36,11 @@ def _reward_fn(cfg):
 
 @functools.lru_cache(maxsize=32)
 def _kl_fn(cfg, temperature):
-  from rlhf_jax.losses.lm import token_logprobs
-  from rlhf_jax.model import gpt
-
   def kl(p, q, t, tg, m, am):
     lp = token_logprobs(gpt.logits(p, cfg, t, am) / temperature, tg)
     lq = token_logprobs(gpt.logits(q, cfg, t, am) / temperature, tg)
-    return jnp.sum((lp - lq) * m, axis=-1)
+    return ppo_losses.sequence_kl(lp, lq, m)
   return jax.jit(kl)
-
-
-def _chunks(n: int, size: int):
-  for start in range(0, n, size):
-    yield start, min(start + size, n)
 
 
 def sample_responses(params, cfg, tok: Tokenizer, prompts: Sequence[Messages], rng, *, n_per_prompt: int = 1,
@@ -62,15 +55,12 @@ def sample_responses(params, cfg, tok: Tokenizer, prompts: Sequence[Messages], r
   flat = [e for e in enc for _ in range(n_per_prompt)]
   gen = _generate_fn(cfg, max_new_tokens, float(temperature), int(top_k), float(top_p), tok.eos_id, tok.pad_id,
                      bool(greedy))
+  padded = batching.pad_to_batches(flat, batch_size)
   texts = []
-  for i, (a, b) in enumerate(_chunks(len(flat), batch_size)):
-    chunk = flat[a:b] + [flat[a]] * (batch_size - (b - a))
-    toks = np.stack([c[0] for c in chunk])
-    mask = np.stack([c[1] for c in chunk])
+  for i, ((toks, mask), valid) in enumerate(zip(padded.batches, padded.valid)):
     out = jax.device_get(gen(params, toks, mask, jax.random.fold_in(rng, i)))
-    for row in range(b - a):
-      n = int(out["lengths"][row])
-      ids = [int(t) for t in out["tokens"][row, :n] if t != tok.eos_id]
+    for row in np.flatnonzero(valid):
+      ids = [int(t) for t in out["tokens"][row, :int(out["lengths"][row])] if t != tok.eos_id]
       texts.append(tok.decode(ids))
   return [texts[i * n_per_prompt:(i + 1) * n_per_prompt] for i in range(len(prompts))]
 
@@ -81,19 +71,16 @@ def score_responses(params, cfg, tok: Tokenizer, prompts: Sequence[Messages], re
   rows = [pipeline.encode_demonstration(tok, {"messages": list(m), "response": r}, max_len)
           for m, r in zip(prompts, responses)]
   fn = _reward_fn(cfg)
-  out = []
-  for a, b in _chunks(len(rows), batch_size):
-    chunk = rows[a:b] + [rows[a]] * (batch_size - (b - a))
-    t = np.stack([c["tokens"] for c in chunk])
-    m = np.stack([c["attention_mask"] for c in chunk])
-    out.append(np.asarray(fn(params, t, m))[:b - a])
-  return np.concatenate(out) if out else np.zeros((0,), np.float32)
+  padded = batching.pad_to_batches(rows, batch_size)
+  out = [fn(params, b["tokens"], b["attention_mask"]) for b in padded.batches]
+  return padded.unpad(out) if out else np.zeros((0,), np.float32)
 
 
 def response_logprob_kl(policy_params, ref_params, cfg, tok: Tokenizer, prompts: Sequence[Messages],
                         responses: Sequence[str], *, max_len: int = 96, batch_size: int = 64,
                         temperature: float = 1.0) -> np.ndarray:
-  """Per-sequence KL estimate sum_t [log pi(y_t) - log pi_ref(y_t)] over response tokens, float32 [N].
+  """Per-sequence KL estimate sum_t [log pi(y_t) - log pi_ref(y_t)] over response tokens, float32 [N]
+  (`losses.ppo.sequence_kl`, the k1 estimator the RL reward uses).
 
   Both distributions are temperature-scaled like the sampler that produced the responses.
   """
@@ -101,10 +88,7 @@ def response_logprob_kl(policy_params, ref_params, cfg, tok: Tokenizer, prompts:
           for m, r in zip(prompts, responses)]
 
   fn = _kl_fn(cfg, float(temperature))
-  out = []
-  for a, b in _chunks(len(rows), batch_size):
-    chunk = rows[a:b] + [rows[a]] * (batch_size - (b - a))
-    arr = {k: np.stack([c[k] for c in chunk]) for k in chunk[0]}
-    out.append(np.asarray(fn(policy_params, ref_params, arr["tokens"], arr["targets"], arr["mask"],
-                             arr["attention_mask"]))[:b - a])
-  return np.concatenate(out) if out else np.zeros((0,), np.float32)
+  padded = batching.pad_to_batches(rows, batch_size)
+  out = [fn(policy_params, ref_params, b["tokens"], b["targets"], b["mask"], b["attention_mask"])
+         for b in padded.batches]
+  return padded.unpad(out) if out else np.zeros((0,), np.float32)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -43,17 +44,28 @@ def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], li
   return train, val
 
 
-def get_tokenizer(data, train_docs: list[str], workdir: str) -> tok_lib.Tokenizer:
-  """Loads `<workdir>/tokenizer` if present, else builds it (train BPE or copy `data.tokenizer_dir`)."""
+def tokenizer_for(workdir: str, texts: Iterable[str], vocab_size: int | None = None, tokenizer_dir: str = "",
+                  special_tokens: Sequence[str] = tok_lib.SPECIAL_TOKENS) -> tok_lib.Tokenizer:
+  """The run's tokenizer: `<workdir>/tokenizer` if present (a resumed run keeps its token ids),
+  else the one in `tokenizer_dir` if given, else a byte-level BPE of `vocab_size` trained on
+  `texts` (only then consumed) with `special_tokens`; a new one is saved in `<workdir>/tokenizer`."""
   path = os.path.join(workdir, "tokenizer")
   if os.path.exists(os.path.join(path, "tokenizer.json")):
     return tok_lib.load(path)
-  if data.get("tokenizer_dir"):
-    tok = tok_lib.load(data.tokenizer_dir)
+  if tokenizer_dir:
+    tok = tok_lib.load(tokenizer_dir)
+  elif vocab_size is None:
+    raise ValueError(f"rlhf_jax/data/lm_data.py: no tokenizer in {path} and no tokenizer_dir, so one is "
+                     "trained, which needs a vocab_size")
   else:
-    tok = tok_lib.train_bpe(train_docs, int(data.vocab_size))
+    tok = tok_lib.train_bpe(texts, int(vocab_size), special_tokens=special_tokens)
   tok_lib.save(tok, path)
   return tok
+
+
+def get_tokenizer(data, train_docs: list[str], workdir: str) -> tok_lib.Tokenizer:
+  """`tokenizer_for` the `data` section (`tokenizer_dir`, else a BPE of `vocab_size` on train_docs)."""
+  return tokenizer_for(workdir, train_docs, data.get("vocab_size"), data.get("tokenizer_dir") or "")
 
 
 def prepare_lm_data(data, seq_len: int, workdir: str):

@@ -14,11 +14,14 @@ Three record pipelines sit next to the packed-LM one (record schemas: `records.p
   PPO prompts  prompt         -> {"tokens","attention_mask"}: int32 [B, P] (LEFT padded),
                                 {"index"}: int32 [B] (position of the record in `records`)
 
-Sequences are right padded with `pad_id` (prompts for generation are left padded). A prompt
-that is too long loses its oldest whole turns first (a leading system message is always kept);
-if the latest turn alone is still too long, the left of its content is cut (its role token
-stays). The response has priority over the prompt: it is kept whole whenever it fits next to
-the shortest acceptable prompt, else cut at the right (and then has no closing EOS).
+Token ids come from the tokenizer's chat format (`tok.chat`: the built-in role format or the
+model's own chat template; see chat_format.py). Prompts end with the generation prompt; a
+response is its content ids + `tok.eos_id` (the end-of-turn token). Sequences are right padded
+with `pad_id` (prompts for generation are left padded). A prompt that is too long loses its
+oldest turns first (a leading system message is always kept; templates are re-rendered with
+fewer turns); if the latest turn alone is still too long, the left of its content is cut (its
+role header stays). The response has priority over the prompt: it is kept whole whenever it fits
+next to the shortest acceptable prompt, else cut at the right (and then has no closing EOS).
 
 Every record is checked once, before the iterator is built (a "scan"): records with a missing
 key raise ValueError naming the record; records that cannot yield a usable example are skipped,
@@ -39,6 +42,7 @@ import grain
 import jax
 import numpy as np
 
+from rlhf_jax.data import batching
 from rlhf_jax.data import records as record_lib
 from rlhf_jax.data.chat_format import validate_messages
 from rlhf_jax.data.comparisons import comparisons_to_pairs, label_comparisons  # noqa: F401 (re-export)
@@ -172,71 +176,33 @@ def _comparison_parts(record: Any, where: str) -> tuple[list[dict], list[str], l
 # ------------------------------------------------------------------- tokenisation/truncation
 
 
-@dataclasses.dataclass
-class _Prompt:
-  """A tokenised prompt: the system segment and one (ids, loss) pair per later message."""
-  system: list[int]
-  turns: list[tuple[list[int], list[int]]]
-
-  def full_len(self) -> int:
-    return len(self.system) + sum(len(ids) for ids, _ in self.turns) + 1  # + <|assistant|>
-
-  def min_len(self) -> int:
-    """Shortest acceptable truncation: system + role token + 1 content token + <|assistant|>."""
-    return min(self.full_len(), len(self.system) + 3)
+def _tokenise_prompt(tok: Tokenizer, messages: Sequence[Mapping[str, str]], where: str = "prompt"):
+  """The tokenizer's chat prompt for `messages` (`tok.chat.prompt`): full_len(), min_len() and
+  fit(budget, events) -> (ids ending with the generation prompt, loss on earlier assistant turns)."""
+  try:
+    return tok.chat.prompt(list(messages))
+  except ValueError as e:
+    raise ValueError(f"pipeline.py: {where}: key 'messages': {e}") from None
 
 
-def _tokenise_prompt(tok: Tokenizer, messages: Sequence[Mapping[str, str]]) -> _Prompt:
-  """Per-message segments exactly as `chat_format.encode_chat` builds them (role, content, EOS
-  after assistant turns; loss 1 on assistant content + EOS)."""
-  system: list[int] = []
-  turns = []
-  for i, m in enumerate(messages):
-    content = tok.encode(m["content"])
-    ids = [tok.role_id(m["role"])] + content
-    asst = int(m["role"] == "assistant")
-    loss = [0] + [asst] * len(content)
-    if asst:
-      ids.append(tok.eos_id)
-      loss.append(1)
-    if i == 0 and m["role"] == "system":
-      system = ids
-    else:
-      turns.append((ids, loss))
-  return _Prompt(system, turns)
+def _fit_prompt(tok: Tokenizer, prompt, budget: int, events: list[str]) -> tuple[list[int], list[int]]:
+  """Prompt ids and loss mask within `budget` tokens: the oldest turns are dropped first (a
+  leading system message is kept), then the left of the latest turn's content is cut; events get
+  "prompt_turns_dropped" / "prompt_cut". Needs budget >= prompt.min_len()."""
+  return prompt.fit(budget, events)
 
 
-def _fit_prompt(tok: Tokenizer, prompt: _Prompt, budget: int, events: list[str]
-                ) -> tuple[list[int], list[int]]:
-  """Prompt ids (ending with <|assistant|>) and their loss mask within `budget` tokens.
-
-  Drops the oldest whole turns after the system message first; if the latest turn alone is
-  still too long, keeps its role token and the right end of its content. Needs
-  budget >= prompt.min_len().
-  """
-  if budget < prompt.min_len():
-    raise AssertionError(f"budget {budget} below the minimum prompt length {prompt.min_len()}")
-  room = budget - 1 - len(prompt.system)  # tokens left for the turns
-  turns = list(prompt.turns)
-  if sum(len(ids) for ids, _ in turns) > room:
-    while len(turns) > 1 and sum(len(ids) for ids, _ in turns) > room:
-      turns.pop(0)
-    if len(turns) < len(prompt.turns):
-      events.append("prompt_turns_dropped")
-    ids, loss = turns[0]
-    if len(ids) > room:  # only the latest turn is left: cut the left of its content
-      keep = room - 1
-      turns[0] = ([ids[0]] + ids[len(ids) - keep:], [loss[0]] + loss[len(loss) - keep:])
-      events.append("prompt_cut")
-  ids = prompt.system + [t for seg, _ in turns for t in seg] + [tok.assistant_id]
-  loss = [0] * len(prompt.system) + [x for _, seg in turns for x in seg] + [0]
-  return ids, loss
+def _min_prompt_len(prompt, max_len: int, resp_len: int) -> int:
+  """prompt.min_len(), skipped (as the full length) when prompt and response fit untruncated."""
+  full = prompt.full_len()
+  return full if full + resp_len <= max_len else prompt.min_len()
 
 
 def _response_ids(tok: Tokenizer, text: str) -> list[int] | None:
-  """Content ids + EOS, or None when the text tokenises to nothing."""
-  ids = tok.encode(text)
-  return ids + [tok.eos_id] if ids else None
+  """Content ids + the end-of-turn token (`tok.chat.response_ids`), or None when the text
+  tokenises to nothing."""
+  ids = tok.chat.response_ids(text)
+  return ids if len(ids) > 1 else None
 
 
 class _Skip(Exception):
@@ -248,11 +214,11 @@ class _Skip(Exception):
 def _demonstration_example(tok: Tokenizer, record: Any, max_len: int, where: str,
                            history_loss: bool, events: list[str]) -> dict[str, np.ndarray]:
   messages, response = _demonstration_parts(record, where)
-  prompt = _tokenise_prompt(tok, messages)
+  prompt = _tokenise_prompt(tok, messages, where)
   resp = _response_ids(tok, response)
   if resp is None:
     raise _Skip("empty_response")
-  room = max_len - prompt.min_len()
+  room = max_len - _min_prompt_len(prompt, max_len, len(resp))
   if room < 1:
     raise _Skip("prompt_too_long")
   if len(resp) > room:
@@ -277,7 +243,7 @@ def _demonstration_example(tok: Tokenizer, record: Any, max_len: int, where: str
 def _comparison_example(tok: Tokenizer, record: Any, max_len: int, k_max: int, where: str,
                         index: int, events: list[str], dropped: list[str]) -> dict[str, np.ndarray]:
   messages, responses, ranks = _comparison_parts(record, where)
-  prompt = _tokenise_prompt(tok, messages)
+  prompt = _tokenise_prompt(tok, messages, where)
   resps, kept_ranks = [], []
   for text, r in zip(responses, ranks):
     ids = _response_ids(tok, text)
@@ -297,7 +263,7 @@ def _comparison_example(tok: Tokenizer, record: Any, max_len: int, k_max: int, w
     raise _Skip("fewer_than_2_responses")
   if len(set(kept_ranks)) == 1:
     raise _Skip("all_tied")
-  room = max_len - prompt.min_len()
+  room = max_len - _min_prompt_len(prompt, max_len, max(map(len, resps)))
   if room < 1:
     raise _Skip("prompt_too_long")
   for k, ids in enumerate(resps):
@@ -321,9 +287,9 @@ def _comparison_example(tok: Tokenizer, record: Any, max_len: int, k_max: int, w
 
 
 def _prompt_example(tok: Tokenizer, messages: Sequence[Mapping[str, str]], max_prompt_len: int,
-                    events: list[str]) -> tuple[np.ndarray, np.ndarray]:
-  prompt = _tokenise_prompt(tok, messages)
-  if max_prompt_len < prompt.min_len():
+                    events: list[str], where: str = "prompt") -> tuple[np.ndarray, np.ndarray]:
+  prompt = _tokenise_prompt(tok, messages, where)
+  if max_prompt_len < _min_prompt_len(prompt, max_prompt_len, 0):
     raise _Skip("prompt_too_long")
   ids, _ = _fit_prompt(tok, prompt, max_prompt_len, events)
   tokens = np.full(max_prompt_len, tok.pad_id, np.int32)
@@ -343,7 +309,8 @@ def encode_demonstration(tok: Tokenizer, record: Mapping[str, Any], max_len: int
                          history_loss: bool = False) -> dict[str, np.ndarray]:
   """One demonstration -> right-padded next-token example; all int32 [max_len].
 
-  tokens: prompt ids (ending `<|assistant|>`) + response ids + EOS, then pad_id.
+  tokens: prompt ids (ending with the generation prompt, `<|assistant|>` in the role format) +
+  response ids + the end-of-turn token `tok.eos_id`, then pad_id.
   targets[t] = tokens[t + 1] (pad_id past the end). mask[t] = 1 iff targets[t] is a response
   token or its EOS (with history_loss, also earlier assistant turns kept in the prompt).
   attention_mask = 1 on real tokens. Accepts {"messages": [..., assistant]} or
@@ -361,18 +328,19 @@ def encode_prompt_left_padded(tok: Tokenizer, messages: Sequence[Mapping[str, st
                               max_prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
   """A prompt for generation: (tokens, attention_mask), int32 [max_prompt_len], LEFT padded.
 
-  The real tokens end with `<|assistant|>`; too-long prompts are truncated from the left as in
-  the module docstring. Raises ValueError if even the shortest truncation does not fit.
+  The real tokens end with the generation prompt (`<|assistant|>` in the role format); too-long
+  prompts are truncated from the left as in the module docstring. Raises ValueError if even the
+  shortest truncation does not fit.
   """
   max_prompt_len = _check_len("max_prompt_len", max_prompt_len, 2)
   try:
-    validate_messages(messages)
+    tok.chat.validate(messages)
     if messages[-1]["role"] == "assistant":
       raise ValueError("a prompt must end with a user turn")
   except ValueError as e:
     raise ValueError(f"pipeline.py: encode_prompt_left_padded: {e}") from None
   try:
-    return _prompt_example(tok, messages, max_prompt_len, [])
+    return _prompt_example(tok, messages, max_prompt_len, [], "encode_prompt_left_padded")
   except _Skip as s:
     raise ValueError(f"pipeline.py: prompt cannot be encoded in {max_prompt_len} tokens: {s.reason}") from None
 
@@ -492,10 +460,7 @@ def _eval_list(records: Records, kept: np.ndarray, fn, stats: PipelineStats, bat
   examples = [encode(i) for i in host]
   per_host = -(-len(kept) // shard_count)
   filler = pad(examples[0] if examples else encode(kept[0]))
-  examples += [filler] * (-(-per_host // batch_size) * batch_size - len(examples))
-  for s in range(0, len(examples), batch_size):
-    chunk = examples[s:s + batch_size]
-    out.append({k: np.stack([e[k] for e in chunk]) for k in chunk[0]})
+  out.extend(batching.pad_to_batches(examples, batch_size, num_rows=per_host, filler=filler).batches)
   return out
 
 
@@ -595,8 +560,9 @@ class _PromptFn:
   max_prompt_len: int
 
   def __call__(self, record, index, events, dropped):
-    messages = _prompt_messages(record, record_lib.record_where(record, index))
-    tokens, mask = _prompt_example(self.tok, messages, self.max_prompt_len, events)
+    where = record_lib.record_where(record, index)
+    messages = _prompt_messages(record, where)
+    tokens, mask = _prompt_example(self.tok, messages, self.max_prompt_len, events, where)
     return {"tokens": tokens, "attention_mask": mask, "index": np.int32(index)}
 
 
@@ -605,9 +571,9 @@ def prompt_batches(records: Records, tok: Tokenizer, global_batch_size: int, max
                    shard_count: int | None = None) -> grain.DatasetIterator:
   """Shuffled batches of left-padded prompts for rollouts.
 
-  Yields tokens, attention_mask: int32 [B_host, max_prompt_len] (real tokens end with
-  `<|assistant|>`); index: int32 [B_host], the record's position in `records` (to recover
-  its task for scoring). `.stats` on the iterator.
+  Yields tokens, attention_mask: int32 [B_host, max_prompt_len] (real tokens end with the
+  generation prompt, `<|assistant|>` in the role format); index: int32 [B_host], the record's
+  position in `records` (to recover its task for scoring). `.stats` on the iterator.
   """
   max_prompt_len = _check_len("max_prompt_len", max_prompt_len, 2)
   fn = _PromptFn(tok, max_prompt_len)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import sampling
-from rlhf_jax.data import chat_format, synthetic
+from rlhf_jax.data import batching, chat_format, synthetic
 from rlhf_jax.data.tokenizer import Tokenizer
 
 _WHERE = "rlhf_jax/eval/in_context.py"
@@ -140,9 +140,10 @@ def prompt_ids(tok: Tokenizer, demos: Sequence[synthetic.Task], query: synthetic
 
 
 def extract_answer(tok: Tokenizer, ids: Sequence[int]) -> str:
-  """Generated ids -> answer text: up to the first special token, then up to the first newline."""
+  """Generated ids -> answer text: up to the first stop token (`tok.stop_ids`), then up to the
+  first newline."""
   ids = list(ids)
-  cut = next((i for i, t in enumerate(ids) if int(t) in tok.special_ids), len(ids))
+  cut = next((i for i, t in enumerate(ids) if int(t) in tok.stop_ids), len(ids))
   return tok.decode(ids[:cut]).split("\n", 1)[0].strip()
 
 
@@ -157,12 +158,6 @@ def continuation_logprobs(params, config, tokens, attention_mask, target_mask):
   lp = sampling.sequence_logprobs(params, config, tokens, attention_mask)       # [B,T-1]
   m = target_mask[:, 1:].astype(jnp.float32)
   return jnp.sum(lp * m, axis=-1), jnp.sum(target_mask[:, 1:], axis=-1).astype(jnp.int32)
-
-
-def _batched(rows: list, batch_size: int):
-  for a in range(0, len(rows), batch_size):
-    chunk = rows[a:a + batch_size]
-    yield len(chunk), chunk + [chunk[0]] * (batch_size - len(chunk))
 
 
 def choice_scores(params, cfg, tok: Tokenizer, examples: Sequence[Example], k: int, fmt: str, *,
@@ -182,15 +177,12 @@ def choice_scores(params, cfg, tok: Tokenizer, examples: Sequence[Example], k: i
       att[:len(ids) + len(cont)] = 1
       tgt[len(ids):len(ids) + len(cont)] = 1
       rows.append((toks, att, tgt))
-  sums, counts = [], []
-  for n_real, chunk in _batched(rows, batch_size):
-    t, a, g = (np.stack(x) for x in zip(*chunk))
-    s, c = jax.device_get(continuation_logprobs(params, cfg, t, a, g))
-    sums.append(s[:n_real])
-    counts.append(c[:n_real])
+  padded = batching.pad_to_batches(rows, batch_size)
+  sums, counts = padded.unpad([jax.device_get(continuation_logprobs(params, cfg, t, a, g))
+                               for t, a, g in padded.batches])
   n_c = len(examples[0].choices)
-  total = np.concatenate(sums).reshape(len(examples), n_c)
-  count = np.concatenate(counts).reshape(len(examples), n_c)
+  total = sums.reshape(len(examples), n_c)
+  count = counts.reshape(len(examples), n_c)
   return {"sum": total, "mean": total / np.maximum(count, 1), "shots": np.asarray(shots, np.int32)}
 
 
@@ -207,11 +199,11 @@ def greedy_answers(params, cfg, tok: Tokenizer, examples: Sequence[Example], k: 
     rows.append((toks, mask))
     shots.append(used)
   answers = []
-  for n_real, chunk in _batched(rows, batch_size):
-    t, m = (np.stack(x) for x in zip(*chunk))
+  padded = batching.pad_to_batches(rows, batch_size)
+  for (t, m), valid in zip(padded.batches, padded.valid):
     out = jax.device_get(sampling.generate(params, cfg, t, m, jax.random.PRNGKey(0), max_new_tokens=max_new_tokens,
                                            eos_id=tok.eos_id, pad_id=tok.pad_id, greedy=True))
-    answers += [extract_answer(tok, out["tokens"][r, :int(out["lengths"][r])]) for r in range(n_real)]
+    answers += [extract_answer(tok, out["tokens"][r, :int(out["lengths"][r])]) for r in np.flatnonzero(valid)]
   return answers, np.asarray(shots, np.int32)
 
 

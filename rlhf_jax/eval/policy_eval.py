@@ -22,11 +22,13 @@ import math
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import generation
-from rlhf_jax.data import gold, pipeline
+from rlhf_jax.data import batching, gold, pipeline
 from rlhf_jax.data.tokenizer import Tokenizer
+from rlhf_jax.losses import ppo as ppo_losses
 from rlhf_jax.losses.lm import lm_loss, token_logprobs
 from rlhf_jax.model import gpt, heads
 
@@ -87,17 +89,6 @@ def sample_policy(cfg, params, tok: Tokenizer, prompt_records: Sequence[Mapping]
 # --------------------------------------------------------------------- model-based scorers
 
 
-def _chunks(n: int, size: int):
-  for a in range(0, n, size):
-    yield a, min(a + size, n)
-
-
-def _pad_rows(arrays: Sequence[np.ndarray], a: int, b: int, size: int) -> np.ndarray:
-  """Rows a..b of `arrays` padded to `size` with copies of row a (fixed shape: one compile)."""
-  chunk = list(arrays[a:b]) + [arrays[a]] * (size - (b - a))
-  return np.stack(chunk)
-
-
 def _eos_only_rows(tok: Tokenizer, prompts: Sequence[Sequence[dict]], max_len: int):
   """prompt + EOS as (tokens, attention_mask), int32 [N, max_len], LEFT padded.
 
@@ -119,11 +110,12 @@ def _last_token_rewards(params, cfg, tokens, mask):
 
 @functools.partial(jax.jit, static_argnums=(2,))
 def _last_token_kl(policy_params, ref_params, cfg, tokens, mask, temperature=1.0):
-  """log pi(last token) - log pi_ref(last token), float32 [B] (rows end at the last column)."""
+  """The sequence KL (`losses.ppo.sequence_kl`) of a one-token response, the last column (rows
+  end there): log pi(last token) - log pi_ref(last token), float32 [B]."""
   tgt = tokens[:, -1:]
-  lp = token_logprobs(gpt.logits(policy_params, cfg, tokens, mask)[:, -2:-1] / temperature, tgt)[:, 0]
-  lq = token_logprobs(gpt.logits(ref_params, cfg, tokens, mask)[:, -2:-1] / temperature, tgt)[:, 0]
-  return lp - lq
+  lp = token_logprobs(gpt.logits(policy_params, cfg, tokens, mask)[:, -2:-1] / temperature, tgt)
+  lq = token_logprobs(gpt.logits(ref_params, cfg, tokens, mask)[:, -2:-1] / temperature, tgt)
+  return ppo_losses.sequence_kl(lp, lq, jnp.ones_like(tgt))
 
 
 def _split_empty(tok: Tokenizer, responses: Sequence[str]) -> tuple[list[int], list[int]]:
@@ -133,10 +125,9 @@ def _split_empty(tok: Tokenizer, responses: Sequence[str]) -> tuple[list[int], l
 
 def _eos_only_apply(fn, tok, prompts, idx, max_len, batch_size) -> np.ndarray:
   toks, masks = _eos_only_rows(tok, [prompts[i] for i in idx], max_len)
-  out = []
-  for a, b in _chunks(len(idx), batch_size):
-    out.append(np.asarray(fn(_pad_rows(toks, a, b, batch_size), _pad_rows(masks, a, b, batch_size)))[:b - a])
-  return np.concatenate(out) if out else np.zeros((0,), np.float32)
+  padded = batching.pad_to_batches(list(zip(toks, masks)), batch_size)
+  out = [fn(t, m) for t, m in padded.batches]
+  return padded.unpad(out) if out else np.zeros((0,), np.float32)
 
 
 def rm_scores(rm_cfg, rm_params, tok: Tokenizer, prompts: Sequence[Sequence[dict]], responses: Sequence[str], *,
@@ -205,10 +196,9 @@ def lm_eval_loss(cfg, params, rows: np.ndarray, batch_size: int = 32) -> float:
                      f"model's vocabulary [0, {cfg.vocab_size}) (rows from another tokenizer?)")
   rows = rows.astype(np.int32)
   nll, count = 0.0, 0.0
-  for a, b in _chunks(len(rows), batch_size):
-    chunk = _pad_rows(rows, a, b, batch_size)
-    mask = np.zeros(chunk[:, 1:].shape, np.int32)
-    mask[:b - a] = 1  # padded copies count nothing
+  padded = batching.pad_to_batches(rows, batch_size)
+  for chunk, valid in zip(padded.batches, padded.valid):
+    mask = np.broadcast_to(valid[:, None], chunk[:, 1:].shape).astype(np.int32)  # filler counts nothing
     s, n = _lm_sums(params, cfg, chunk[:, :-1], chunk[:, 1:], mask)
     nll += float(s)
     count += float(n)

@@ -21,7 +21,7 @@ import grain
 import jax
 import numpy as np
 
-from rlhf_jax.data import pipeline
+from rlhf_jax.data import batching, pipeline
 from rlhf_jax.data.tokenizer import Tokenizer
 from rlhf_jax.gpt1 import transforms
 
@@ -111,14 +111,7 @@ def eval_batches(arrays: Mapping[str, np.ndarray], batch_size: int) -> list[dict
   if total == 0:
     return []
   pc = jax.process_count()
-  idx = np.arange(total)[jax.process_index()::pc]
-  per_host = -(-total // pc)
-  n_pad = -(-per_host // batch_size) * batch_size - len(idx)
-  weight = np.concatenate([np.ones(len(idx), np.float32), np.zeros(n_pad, np.float32)])
-  idx = np.concatenate([idx, np.zeros(n_pad, idx.dtype)])
-  out = []
-  for s in range(0, len(idx), batch_size):
-    batch = {k: v[idx[s:s + batch_size]] for k, v in arrays.items()}
-    batch["weight"] = batch["weight"] * weight[s:s + batch_size]
-    out.append(batch)
-  return out
+  examples = [{k: v[i] for k, v in arrays.items()} for i in range(jax.process_index(), total, pc)]
+  filler = {k: v[0] for k, v in arrays.items()}
+  filler["weight"] = np.zeros_like(filler["weight"])
+  return batching.pad_to_batches(examples, batch_size, num_rows=-(-total // pc), filler=filler).batches

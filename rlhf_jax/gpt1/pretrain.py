@@ -58,12 +58,9 @@ def pretrain(pcfg, model_section, mesh_section) -> tuple:
     return cfg, tok, params
   docs = lm_data.load_documents(mlc.ConfigDict({"source": "synthetic", "n_docs": pcfg.n_docs, "seed": pcfg.data_seed}))
   train_docs, val_docs = lm_data.split_documents(docs, float(pcfg.val_fraction))
-  tok_path = os.path.join(workdir, "tokenizer")
-  if os.path.exists(os.path.join(tok_path, "tokenizer.json")):  # resumed run: same ids as its checkpoint
-    tok = tok_lib.load(tok_path)
-  else:
-    tok = transforms.train_task_bpe(train_docs, int(pcfg.vocab_size))
-    tok_lib.save(tok, tok_path)
+  # A resumed run reloads its tokenizer (same ids as its checkpoint); a new one has the task specials.
+  tok = lm_data.tokenizer_for(workdir, train_docs, pcfg.vocab_size,
+                              special_tokens=tok_lib.SPECIAL_TOKENS + transforms.TASK_TOKENS)
   cfg = gpt.GPTConfig.from_dict({**model_section.to_dict(), "vocab_size": tok.vocab_size})
   rows = pipeline.pack_documents([tok.encode(d) for d in train_docs], int(pcfg.seq_len), tok.eos_id)
   val = pipeline.pack_documents([tok.encode(d) for d in val_docs], int(pcfg.seq_len), tok.eos_id)

@@ -30,18 +30,8 @@ from typing import Mapping, Sequence
 import tokenizers
 
 from rlhf_jax.data import tokenizer as tok_lib
-
-START = "<|start|>"
-DELIM = "<|delim|>"
-EXTRACT = "<|extract|>"
-TASK_TOKENS: tuple[str, ...] = (START, DELIM, EXTRACT)
-
-TASKS: tuple[str, ...] = ("classification", "entailment", "similarity", "multiple_choice")
-# Text fields of each task's record, in layout order (multiple choice: context + each option).
-FIELDS: dict[str, tuple[str, ...]] = {
-    "classification": ("text",), "entailment": ("premise", "hypothesis"),
-    "similarity": ("a", "b"), "multiple_choice": ("context", "options"),
-}
+# The task names, record fields and task specials are data (the gpt1_tasks builder reads them too).
+from rlhf_jax.data.gpt1_schema import DELIM, EXTRACT, FIELDS, START, TASK_TOKENS, TASKS  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,6 +39,7 @@ from rlhf_jax.losses import ppo as ppo_losses
 from rlhf_jax.losses.lm import lm_loss
 from rlhf_jax.model import gpt, heads
 from rlhf_jax.model.config import GPTConfig
+from rlhf_jax.train import state as state_lib
 
 _WHERE = "rlhf_jax/train/ppo.py"
 MODELS = ("policy", "value", "ref", "score")
@@ -93,7 +94,6 @@ def create_rl_state(policy_params, value_params, ref_params, score_params, polic
     raise ValueError(f"{_WHERE}:create_rl_state: axes lacks param_axes for {missing} (need {MODELS})")
   if float(init_beta) < 0:
     raise ValueError(f"{_WHERE}:create_rl_state: init_beta must be >= 0, got {init_beta}")
-  rng = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
 
   def init_fn(pp, vp, rp, sp, rng):
     return {"step": jnp.zeros((), jnp.int32),
@@ -102,15 +102,15 @@ def create_rl_state(policy_params, value_params, ref_params, score_params, polic
             "ref": rp, "score": sp, "rng": jnp.asarray(rng, jnp.uint32),
             "kl_beta": jnp.asarray(init_beta, jnp.float32)}
 
-  args = (policy_params, value_params, ref_params, score_params, rng)
-  abstract = jax.eval_shape(init_fn, *args)
-  # Each model's subtree gets its own param_axes table (their paths overlap, e.g. "wte").
-  shardings = {k: parallel.tree_shardings(abstract[k], axes[k], mesh, rules) for k in MODELS}
-  for k in ("step", "rng", "kl_beta"):
-    shardings[k] = parallel.replicated(mesh)
-  with parallel.sharding_context(mesh, rules):
-    state = jax.jit(init_fn, out_shardings=shardings)(*args)
-  return state, shardings
+  def shardings_of(abstract):
+    # Each model's subtree gets its own param_axes table (their paths overlap, e.g. "wte").
+    shardings = {k: parallel.tree_shardings(abstract[k], axes[k], mesh, rules) for k in MODELS}
+    for k in ("step", "rng", "kl_beta"):
+      shardings[k] = parallel.replicated(mesh)
+    return shardings
+
+  args = (policy_params, value_params, ref_params, score_params, state_lib.raw_key(rng))
+  return state_lib.init_sharded(init_fn, args, mesh, shardings_of, rules)
 
 
 # ----------------------------------------------------------------------------- losses

@@ -9,6 +9,7 @@ back with a different sharding than the params).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -62,6 +63,29 @@ def make_optimizer(optim) -> optax.GradientTransformation:
   return optax.chain(*chain)
 
 
+def raw_key(rng) -> jax.Array:
+  """A PRNG key as raw uint32 [2] data (typed keys are unwrapped; raw ones pass through)."""
+  return jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+
+
+def init_sharded(init_fn: Callable, args: tuple, mesh, shardings_of: Callable[[Any], Any],
+                 rules=parallel.DEFAULT_RULES):
+  """Runs `init_fn(*args)` as one jit whose outputs are created directly sharded.
+
+  shardings_of: the abstract output (`jax.eval_shape` of init_fn) -> its shardings pytree.
+  Tracing happens inside the mesh's sharding context. Returns (state, shardings).
+  """
+  abstract = jax.eval_shape(init_fn, *args)
+  shardings = shardings_of(abstract)
+  with parallel.sharding_context(mesh, rules):
+    state = jax.jit(init_fn, out_shardings=shardings)(*args)
+  return state, shardings
+
+
+def _train_state(params, optimizer, rng) -> State:
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params), "rng": rng}
+
+
 def create_state(init_params: Callable[[jax.Array], Any], optimizer, mesh, param_axes, rng,
                  rules=parallel.DEFAULT_RULES):
   """Creates {"step","params","opt_state","rng"} directly sharded on `mesh`.
@@ -69,33 +93,17 @@ def create_state(init_params: Callable[[jax.Array], Any], optimizer, mesh, param
   init_params: rng -> params (pure). param_axes mirrors params with logical names.
   Returns (state, state_shardings).
   """
-  rng = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
-  init_rng, step_rng = jax.random.split(rng)
-
-  def init_fn(init_rng, step_rng):
-    params = init_params(init_rng)
-    return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "opt_state": optimizer.init(params), "rng": step_rng}
-
-  abstract = jax.eval_shape(init_fn, init_rng, step_rng)
-  shardings = parallel.tree_shardings(abstract, param_axes, mesh, rules)
-  with parallel.sharding_context(mesh, rules):
-    state = jax.jit(init_fn, out_shardings=shardings)(init_rng, step_rng)
-  return state, shardings
+  init_rng, step_rng = jax.random.split(raw_key(rng))
+  init_fn = lambda init_rng, step_rng: _train_state(init_params(init_rng), optimizer, step_rng)
+  shardings_of = functools.partial(parallel.tree_shardings, param_axes=param_axes, mesh=mesh, rules=rules)
+  return init_sharded(init_fn, (init_rng, step_rng), mesh, shardings_of, rules)
 
 
 def state_from_params(params, optimizer, mesh, param_axes, rng, rules=parallel.DEFAULT_RULES):
   """Like create_state, but starting from existing params (e.g. the previous stage's checkpoint)."""
-  rng = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
-
-  def init_fn(params, rng):
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params), "rng": rng}
-
-  abstract = jax.eval_shape(init_fn, params, rng)
-  shardings = parallel.tree_shardings(abstract, param_axes, mesh, rules)
-  with parallel.sharding_context(mesh, rules):
-    state = jax.jit(init_fn, out_shardings=shardings)(params, rng)
-  return state, shardings
+  init_fn = lambda params, rng: _train_state(params, optimizer, rng)
+  shardings_of = functools.partial(parallel.tree_shardings, param_axes=param_axes, mesh=mesh, rules=rules)
+  return init_sharded(init_fn, (params, raw_key(rng)), mesh, shardings_of, rules)
 
 
 def apply_gradients(state: State, grads, optimizer) -> State:
