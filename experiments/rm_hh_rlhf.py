@@ -21,6 +21,7 @@ import time
 import ml_collections as mlc
 
 from rlhf_jax import config as rcfg
+from rlhf_jax.recipes import rm as rm_recipe
 from rlhf_jax.train import rm_data
 
 PRESETS = {
@@ -75,8 +76,8 @@ def train(config, workdir):
   model_cfg = rm_data.model_config(config.model, tok, config.max_len)
   lm_params, lm_result = rm_data.lm_warmup(config, workdir, model_cfg, tok, train_recs, eval_recs)
   t1 = time.perf_counter()
-  _, rm = rm_data.fit_reward_model(config, workdir, model_cfg, tok, train_recs, eval_recs, k_max=2,
-                                   batch_size=config.batch_size, num_steps=config.loop.num_steps, lm_params=lm_params)
+  _, rm = rm_recipe.fit_reward_model(config, os.path.join(workdir, "rm"), model_cfg, tok, train_recs, eval_recs,
+                                     params=rm_data.fresh_rm_params(model_cfg, config.seed, lm_params), k_max=2)
   result = {"eval_pairwise_accuracy": rm["eval_pairwise_accuracy"], "eval_pairs": rm["eval_pairs"],
             "length_baseline_eval": rm_data.length_baseline(eval_recs)["accuracy"],
             "eval_loss": rm["eval_loss"], "train_loss": rm["train_loss"], "train_accuracy": rm["train_accuracy"],

@@ -26,6 +26,7 @@ import numpy as np
 
 from rlhf_jax import config as rcfg
 from rlhf_jax.data import comparisons
+from rlhf_jax.recipes import rm as rm_recipe
 from rlhf_jax.train import rm_data
 
 PRESETS = {
@@ -79,10 +80,11 @@ def run_repeat(config, workdir, recs, r):
     if mode not in plan:
       raise ValueError(f"rm_oasst_kwise.py: compare.modes: unknown mode {mode!r}; expected kwise and/or pairs")
     t, c = time.perf_counter(), time.process_time()
-    _, res = rm_data.fit_reward_model(
-        config, os.path.join(workdir, mode), model_cfg, tok, data[mode], eval_recs,
+    _, res = rm_recipe.fit_reward_model(
+        config, os.path.join(workdir, mode, "rm"), model_cfg, tok, data[mode], eval_recs,
+        params=rm_data.fresh_rm_params(model_cfg, config.seed + r, lm_params),
         k_max=cmp.k_max if mode == "kwise" else 2, eval_k_max=cmp.k_max, batch_size=plan[mode]["batch_size"],
-        num_steps=plan[mode]["steps"], lm_params=lm_params, seed=config.seed + r)
+        num_steps=plan[mode]["steps"], seed=config.seed + r)
     out[mode] = {**plan[mode], "wall_s": time.perf_counter() - t, "cpu_s": time.process_time() - c,
                  "s_per_step": rm_data.steady_s_per_step(os.path.join(workdir, mode, "rm"), "rm"),
                  **{k: res[k] for k in ("eval_pairwise_accuracy", "eval_prompt_mean_accuracy", "eval_loss",

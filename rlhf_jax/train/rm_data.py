@@ -6,9 +6,9 @@ set by a hash of the prompt (never by record, so no prompt is in both sides); `g
 trains a byte-level BPE on the train side's text only. `length_baseline` is the "longer answer
 wins" accuracy that any learned RM on this data has to beat to have learned more than length.
 
-Glue (used by experiments/rm_hh_rlhf.py and experiments/rm_oasst_kwise.py): an optional LM
-warm-up of the fresh GPT on the train dialogues (`lm_warmup`), then `fit_reward_model` (scalar
-head, K-wise loss, pairwise held-out accuracy) through the one shared loop `supervised.fit`.
+Glue for reward models trained from scratch (experiments/rm_hh_rlhf.py, rm_oasst_kwise.py): an
+optional LM warm-up of the fresh GPT on the train dialogues (`lm_warmup`) and `fresh_rm_params`;
+the RM itself is trained by the one RM path, `recipes.rm.fit_reward_model`.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import ml_collections as mlc
 import numpy as np
 
 from rlhf_jax import config as rcfg
-from rlhf_jax.data import builders, chat_format, pipeline, records as rec_lib
+from rlhf_jax.data import builders, chat_format, lm_data, pipeline, records as rec_lib
 from rlhf_jax.data import tokenizer as tok_lib
 from rlhf_jax.model import gpt, heads
 from rlhf_jax.train import loop, steps, supervised
@@ -121,12 +121,7 @@ def corpus_texts(records: Iterable[Mapping]) -> Iterable[str]:
 def get_tokenizer(train_records: Sequence[Mapping], vocab_size: int, workdir: str) -> tok_lib.Tokenizer:
   """`<workdir>/tokenizer` if present (a resumed run keeps its ids), else a BPE trained on the
   train records' text only and saved there."""
-  path = os.path.join(workdir, "tokenizer")
-  if os.path.exists(os.path.join(path, "tokenizer.json")):
-    return tok_lib.load(path)
-  tok = tok_lib.train_bpe(corpus_texts(train_records), int(vocab_size))
-  tok_lib.save(tok, path)
-  return tok
+  return lm_data.tokenizer_for(workdir, corpus_texts(train_records), vocab_size)
 
 
 def dialogue_documents(tok: tok_lib.Tokenizer, records: Sequence[Mapping]) -> list[list[int]]:
@@ -256,40 +251,10 @@ def lm_warmup(config, workdir: str, model_cfg: gpt.GPTConfig, tok: tok_lib.Token
                            "lm_train_loss": last.get("loss"), "lm_eval_loss": last.get("eval/loss")}
 
 
-def fit_reward_model(config, workdir: str, model_cfg: gpt.GPTConfig, tok: tok_lib.Tokenizer,
-                     train_records: Sequence[Mapping], eval_records: Sequence[Mapping], *, k_max: int,
-                     batch_size: int, num_steps: int, lm_params=None, seed: int | None = None,
-                     eval_k_max: int | None = None):
-  """Trains a scalar-head RM with the K-wise loss (K=2 pairs go through the same path).
-
-  Checkpoints and metrics go to `<workdir>/rm`. num_steps < 0: config.epochs passes over the
-  kept train records. lm_params: a warmed-up trunk (else a fresh one). eval_k_max (default
-  k_max): slots of the held-out batches, so a model trained on pairs is scored on the same
-  K-way eval records, i.e. the same eval pairs, as a K-wise one. Returns (state, result dict:
-  eval pairwise accuracy pooled over pairs, losses, steps, pipeline stats).
-  """
-  sub = _stage_config(config, batch_size, 1, config.optim)
-  if seed is not None:
-    sub.seed = int(seed)
-  batches = pipeline.comparison_batches(train_records, tok, sub.batch_size, config.max_len, k_max, seed=sub.seed)
-  if num_steps < 0:
-    num_steps = max(1, int(config.epochs) * batches.stats.kept // sub.batch_size)
-  sub.loop.num_steps = sub.optim.total_steps = int(num_steps)
-  evals = pipeline.comparison_eval_batches(eval_records, tok, sub.batch_size, config.max_len, eval_k_max or k_max)
-  rng_head = jax.random.PRNGKey(sub.seed + 7)
-  params = (heads.from_lm(lm_params, model_cfg, rng_head) if lm_params is not None
-            else heads.init(model_cfg, rng_head))
-  state, last, _ = supervised.fit(
-      sub, os.path.join(workdir, "rm"), loss_fn=steps.kwise_rm_loss_fn(model_cfg),
-      param_axes=heads.param_axes(model_cfg), params=params, host_batches=batches,
-      eval_batches=evals, eval_weight_key="num_pairs", name="rm")
-  result = {"eval_pairwise_accuracy": last.get("eval/accuracy"),
-            "eval_prompt_mean_accuracy": last.get("eval/prompt_mean_accuracy"),
-            "eval_loss": last.get("eval/loss"), "eval_pairs": sum(batch_pairs(b) for b in evals),
-            "train_loss": last.get("loss"), "train_accuracy": last.get("accuracy"), "steps": int(num_steps),
-            "batch_size": int(sub.batch_size), "k_max": int(k_max),
-            "train_pipeline": batches.stats.as_dict(), "eval_pipeline": evals.stats.as_dict()}
-  return state, result
+def fresh_rm_params(model_cfg: gpt.GPTConfig, seed: int, lm_params=None) -> dict:
+  """Scalar-model params: a warmed-up trunk (lm_params) with a new head, or a fresh model."""
+  rng = jax.random.PRNGKey(int(seed) + 7)
+  return heads.from_lm(lm_params, model_cfg, rng) if lm_params is not None else heads.init(model_cfg, rng)
 
 
 def batch_pairs(batch: Mapping[str, np.ndarray]) -> int:

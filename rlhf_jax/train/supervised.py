@@ -28,6 +28,21 @@ def evaluate(eval_step, params, batches: Sequence, mesh, weight_key: str | None 
   return {k: float(np.sum(w * np.array([float(m[k]) for m in ms]))) for k in ms[0]}
 
 
+def resolve_steps(config, num_examples: int) -> int:
+  """The one place where epochs become steps.
+
+  config.loop.num_steps < 0 means `config.epochs` passes over `num_examples` records at
+  `config.batch_size` (at least 1 step). Sets loop.num_steps and ties optim.total_steps to it
+  (the LR schedule spans the run). Returns the step count.
+  """
+  with config.unlocked():
+    if int(config.loop.num_steps) < 0:
+      epochs = float(config.get("epochs", 1))
+      config.loop.num_steps = max(1, int(epochs * int(num_examples)) // int(config.batch_size))
+    config.optim.total_steps = int(config.loop.num_steps)
+  return int(config.loop.num_steps)
+
+
 def fit(config, workdir: str, *, loss_fn: Callable, param_axes, host_batches,
         params=None, init_fn: Callable | None = None, eval_batches: Sequence = (),
         eval_weight_key: str | None = None, extra_eval: Callable | None = None, name: str = "train",
@@ -37,8 +52,12 @@ def fit(config, workdir: str, *, loss_fn: Callable, param_axes, host_batches,
   params: starting params (e.g. the previous stage), or init_fn: rng -> params.
   host_batches: this host's batch iterator (get_state/set_state for exact resume).
   eval_batches: host batches for held-out metrics; extra_eval(params) -> dict adds more.
+  With config.loop.num_steps < 0 the run is `config.epochs` passes over the records the
+  iterator kept (`host_batches.stats.kept`; see `resolve_steps`).
   Returns (final state, last metrics, mesh).
   """
+  if int(config.loop.num_steps) < 0:
+    resolve_steps(config, host_batches.stats.kept)
   mesh = parallel.make_mesh(config.mesh.to_dict())
   parallel.check_batch_divisible(int(config.batch_size), mesh)
   optimizer = state_lib.make_optimizer(config.optim)

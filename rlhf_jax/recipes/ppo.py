@@ -1,0 +1,91 @@
+"""InstructGPT step 3 — PPO (γ = 0) or PPO-ptx (γ > 0) against the reward model, KL-penalised to SFT.
+
+The policy and the frozen reference start from `init_from` (an SFT stage workdir or an HF model
+directory); the value function starts from the RM (`rm_from`: an RM stage workdir or an HF
+sequence-classification directory), whose bias is shifted so demonstrations score mean 0. Prompts
+come from `data` (`recipes.data.stage_records`, kind "prompts"); the ptx rows from `ptx_from`
+(a pretraining workdir, a text file or a JSONL of {"text"}). The RL step and the loop are
+`train.rl.fit_rl`'s. Every `loop.eval_every` iterations the policy is measured on held-out
+prompts (`eval.ppo_monitor`): in the built-in world with the gold labeler; on real data by the RM
+(score, win rate vs SFT), KL to SFT and the pretraining loss.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from rlhf_jax.data import gold, pipeline
+from rlhf_jax.eval import ppo_monitor
+from rlhf_jax.model import heads
+from rlhf_jax.recipes import data as data_lib
+from rlhf_jax.train import rl, rollout, stages
+
+log = logging.getLogger(__name__)
+
+RESULT_KEYS = ("score", "kl", "kl_beta", "ptx_loss", "approx_kl", "clip_frac", "eval/gold_mean",
+               "eval/rm_score_mean", "eval/kl_to_sft", "eval/pretrain_val_loss", "eval/win_rate_vs_sft_gold",
+               "eval/win_rate_vs_sft_rm")
+
+
+def score_fn(reward: str, rm_cfg, tok) -> rollout.ScoreFn:
+  """'rm': InstructGPT. 'gold': the gold labeler itself (an oracle ablation; built-in world only)."""
+  if reward == "rm":
+    return rollout.reward_model_score_fn(rm_cfg)
+  if reward == "gold":
+    return rollout.host_text_score_fn(lambda ps, rs: [gold.score(p, r) for p, r in zip(ps, rs)], tok)
+  raise ValueError(f"config key 'reward' must be 'rm' or 'gold', got {reward!r}")
+
+
+def _ptx_source(config, policy: stages.Model) -> str:
+  if config.ptx_from:
+    return config.ptx_from
+  parent = policy.info.get("init_from", "")
+  if parent and stages.is_stage_dir(parent) and stages.read_stage(parent)["stage"] == "pretrain":
+    return parent
+  return ""
+
+
+def run(config, workdir: str) -> dict:
+  """Config keys: init_from, rm_from, ptx_from, ptx_seq_len, reward, data, max_prompt_len, batch_size,
+  ptx_batch_size, n_eval_prompts, ppo, optim, value_optim, loop, mesh, seed. Returns final metrics."""
+  policy = stages.load_model(config.init_from, expect=("sft", "ppo", "pretrain", "hf"))
+  rm, offset = stages.load_reward_model(config.rm_from)
+  stages.check_same_tokenizer(policy, rm)
+  cfg, tok = policy.config, policy.tok
+  rm_params = heads.shift_bias(rm.params, offset)
+  synthetic_world = config.data.train == "synthetic"
+  if config.reward == "gold" and not synthetic_world:
+    raise ValueError("reward='gold' (the oracle ablation) needs data.train=synthetic: only the built-in world "
+                     "has a gold labeler")
+
+  ptx_spec = _ptx_source(config, policy)
+  if ptx_spec:
+    ptx_rows, val_rows = data_lib.ptx_rows(ptx_spec, tok, int(config.ptx_seq_len) or 0, workdir,
+                                           limit=int(config.get("ptx_limit", 0)))
+  elif float(config.ppo.ptx_coef) > 0:
+    raise ValueError(f"ppo.ptx_coef={config.ppo.ptx_coef} needs pretraining text: set ptx_from to a text file, "
+                     "a JSONL of {'text'} lines or a pretraining workdir")
+  else:
+    ptx_rows, val_rows = None, np.zeros((0, 2), np.int32)
+
+  train_prompts, eval_prompts, report = data_lib.stage_records(config.data, "prompts", workdir)
+  eval_prompts = eval_prompts[:int(config.n_eval_prompts)]
+  prompts = pipeline.prompt_batches(train_prompts, tok, config.batch_size, config.max_prompt_len, seed=config.seed)
+  ptx = (pipeline.lm_batches(ptx_rows, config.ptx_batch_size, seed=config.seed)
+         if ptx_rows is not None and float(config.ppo.ptx_coef) > 0 else None)
+  monitor = ppo_monitor.Monitor(cfg, rm.config, tok, eval_prompts, val_rows[:128], policy.params, rm_params,
+                                temperature=config.ppo.temperature, max_prompt_len=config.max_prompt_len,
+                                max_new_tokens=config.ppo.max_new_tokens, seed=config.seed, gold=synthetic_world)
+  stages.write_stage(workdir, "ppo", cfg, tok, init_from=config.init_from, rm_from=config.rm_from,
+                     ptx_from=ptx_spec, ptx_coef=float(config.ppo.ptx_coef), reward=config.reward, data=report)
+  _, last, _ = rl.fit_rl(config, workdir, policy_cfg=cfg, value_cfg=rm.config, policy_params=policy.params,
+                         ref_params=policy.params, value_params=rm_params, score_params=rm_params,
+                         score_fn=score_fn(config.reward, rm.config, tok), prompt_batches=prompts,
+                         ptx_batches=ptx, eos_id=tok.eos_id, pad_id=tok.pad_id, eval_fn=monitor)
+  result = {k: last.get(k) for k in RESULT_KEYS if last.get(k) is not None}
+  result["initial"] = monitor.initial
+  result["prompts"] = {"train": len(train_prompts), "eval": len(eval_prompts),
+                       "skipped": prompts.stats.as_dict()["skipped"], "truncated": prompts.stats.as_dict()["truncated"]}
+  print(result)
+  return result
