@@ -107,10 +107,7 @@ def train(config, workdir):
                                                   max_options=data.max_options, name=name)
   train_arr, train_stats = enc(train_recs, "gpt1/train")
   eval_arr, eval_stats = enc(eval_recs, "gpt1/eval")
-  with config.unlocked():
-    if config.loop.num_steps < 0:
-      config.loop.num_steps = max(1, config.epochs * train_stats.kept // config.batch_size)
-    config.optim.total_steps = config.loop.num_steps
+  supervised.resolve_steps(config, train_stats.kept)
   stages.write_stage(workdir, "gpt1_finetune", cfg, task=task, n_classes=n_classes,
                      aux_lm_weight=config.aux_lm_weight, init_from=config.init_from or "inline pretraining")
   params = heads.init(trunk, cfg, task, n_classes, jax.random.PRNGKey(config.seed + 2))

@@ -11,9 +11,9 @@ import ml_collections as mlc
 import numpy as np
 
 from rlhf_jax import config as rcfg
-from rlhf_jax.data import lm_data, pipeline
+from rlhf_jax.data import lm_data
 from rlhf_jax.model import gpt
-from rlhf_jax.train import loop, stages, steps, supervised
+from rlhf_jax.train import loop, stages, supervised
 
 PRESETS = {
     "default": {},
@@ -53,11 +53,8 @@ def train(config, workdir):
     raise ValueError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={model_cfg.vocab_size}")
 
   stages.write_stage(workdir, "pretrain", model_cfg, data=config.data.to_dict())
-  state, last, _ = supervised.fit(
-      config, workdir, loss_fn=steps.lm_loss_fn(model_cfg), param_axes=gpt.param_axes(model_cfg),
-      init_fn=lambda r: gpt.init(model_cfg, r), name="pretrain", eval_weight_key="num_tokens",
-      host_batches=pipeline.lm_batches(train_rows, config.batch_size, seed=config.seed),
-      eval_batches=pipeline.lm_eval_batches(val_rows, config.batch_size)[:config.eval_batches])
+  state, last, _ = supervised.fit_lm(config, workdir, model_cfg, train_rows, val_rows,
+                                     eval_batches=config.eval_batches)
   history = loop.read_metrics(workdir)
   first = next(h["pretrain/loss"] for h in history if "pretrain/loss" in h)
   result = {"first_logged_train_loss": first, "final_train_loss": last.get("loss"),

@@ -7,7 +7,6 @@ import json
 import os
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -152,3 +151,10 @@ def test_chat_loads_a_hugging_face_directory(run):
   assert info["stage"] == "hf" and cfg.family == "qwen2" and tok.chat_template
   ids = tok.chat.prompt_ids([{"role": "user", "content": "hello"}])
   assert tok.decode(ids, skip_special=False).endswith("<|im_start|>assistant\n")
+
+
+def test_tokenizer_larger_than_the_model_is_one_clear_error(tmp_path):
+  ckpt = hf_fixtures.make_checkpoint(str(tmp_path / "m"), "llama")
+  hf_fixtures.make_tokenizer(ckpt, hf_fixtures.CHATML, vocab_size=450)  # files from another checkpoint
+  with pytest.raises(ValueError, match=r"the tokenizer has \d+ tokens but config.json has vocab_size=\d+"):
+    stages.load_model(ckpt)

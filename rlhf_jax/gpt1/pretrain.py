@@ -25,7 +25,7 @@ from rlhf_jax.data import tokenizer as tok_lib
 from rlhf_jax.data.builders.common import config_digest
 from rlhf_jax.gpt1 import heads, transforms
 from rlhf_jax.model import gpt
-from rlhf_jax.train import stages, steps, supervised
+from rlhf_jax.train import stages, supervised
 from rlhf_jax.train.checkpoint import load_params
 
 
@@ -71,11 +71,7 @@ def pretrain(pcfg, model_section, mesh_section) -> tuple:
                     end_lr_factor=0.0, microbatches=1),
       "loop": dict(num_steps=int(pcfg.steps), log_every=max(1, int(pcfg.steps) // 5), eval_every=0,
                    ckpt_every=int(pcfg.steps), progress=False)})
-  _, last, _ = supervised.fit(
-      fit_cfg, workdir, loss_fn=steps.lm_loss_fn(cfg), param_axes=gpt.param_axes(cfg),
-      init_fn=lambda r: gpt.init(cfg, r), name="pretrain", eval_weight_key="num_tokens",
-      host_batches=pipeline.lm_batches(rows, int(pcfg.batch_size), seed=int(pcfg.seed)),
-      eval_batches=pipeline.lm_eval_batches(val, int(pcfg.batch_size))[:8])
+  _, last, _ = supervised.fit_lm(fit_cfg, workdir, cfg, rows, val, eval_batches=8)
   # Reload from the checkpoint (fit donated its buffers) and only then mark the stage finished.
   params = load_params(os.path.join(workdir, "checkpoints"))
   result = {k: last.get(k) for k in ("loss", "eval/loss", "eval/accuracy")}

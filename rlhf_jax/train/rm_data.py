@@ -27,7 +27,7 @@ from rlhf_jax import config as rcfg
 from rlhf_jax.data import builders, chat_format, lm_data, pipeline, records as rec_lib
 from rlhf_jax.data import tokenizer as tok_lib
 from rlhf_jax.model import gpt, heads
-from rlhf_jax.train import loop, steps, supervised
+from rlhf_jax.train import loop, supervised
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SPLIT_BY = ("dialogue", "first_turn")
@@ -242,11 +242,8 @@ def lm_warmup(config, workdir: str, model_cfg: gpt.GPTConfig, tok: tok_lib.Token
   rows = pipeline.pack_documents(dialogue_documents(tok, train_records), seq, tok.eos_id)
   val = pipeline.pack_documents(dialogue_documents(tok, eval_records), seq, tok.eos_id)
   c = _stage_config(config, lm.batch_size, lm.num_steps, lm.optim)
-  state, last, _ = supervised.fit(
-      c, os.path.join(workdir, "lm"), loss_fn=steps.lm_loss_fn(model_cfg), param_axes=gpt.param_axes(model_cfg),
-      init_fn=lambda r: gpt.init(model_cfg, r), name="lm", eval_weight_key="num_tokens",
-      host_batches=pipeline.lm_batches(rows, c.batch_size, seed=c.seed),
-      eval_batches=pipeline.lm_eval_batches(val, c.batch_size)[:int(lm.eval_batches)])
+  state, last, _ = supervised.fit_lm(c, os.path.join(workdir, "lm"), model_cfg, rows, val, name="lm",
+                                     eval_batches=int(lm.eval_batches))
   return state["params"], {"lm_train_rows": len(rows), "lm_steps": int(lm.num_steps),
                            "lm_train_loss": last.get("loss"), "lm_eval_loss": last.get("eval/loss")}
 

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 
 from rlhf_jax import parallel
+from rlhf_jax.data import pipeline
+from rlhf_jax.model import gpt
 from rlhf_jax.train import loop, state as state_lib, steps
 
 
@@ -82,3 +84,19 @@ def fit(config, workdir: str, *, loss_fn: Callable, param_axes, host_batches,
   state, last = loop.run(state, step, parallel.ShardedBatches(host_batches, mesh), loop_cfg, workdir,
                          eval_fn=eval_fn if has_eval else None, hooks=hooks)
   return state, last, mesh
+
+
+def fit_lm(config, workdir: str, model_cfg, train_rows, val_rows, *, params=None, eval_batches: int = 8,
+           name: str = "pretrain", hooks=()):
+  """Next-token training on packed rows: the one pretraining path (pretraining, LM warm-up, GPT-1).
+
+  train_rows / val_rows: int32 [N, T+1] from `pipeline.pack_documents`. params: a starting point
+  (None: `gpt.init`). eval_batches: held-out batches evaluated (the tail is dropped).
+  Returns (final state, last metrics, mesh).
+  """
+  return fit(config, workdir, loss_fn=steps.lm_loss_fn(model_cfg), param_axes=gpt.param_axes(model_cfg),
+             params=params, init_fn=None if params is not None else (lambda r: gpt.init(model_cfg, r)),
+             name=name, eval_weight_key="num_tokens",
+             host_batches=pipeline.lm_batches(train_rows, int(config.batch_size), seed=int(config.seed)),
+             eval_batches=pipeline.lm_eval_batches(val_rows, int(config.batch_size))[:int(eval_batches)],
+             hooks=hooks)
