@@ -29,6 +29,7 @@ from rlhf_jax import config as rcfg
 from rlhf_jax.config import load_experiment
 from rlhf_jax.eval import ppo_monitor
 from rlhf_jax.model import heads
+from rlhf_jax.recipes import chain
 from rlhf_jax.recipes import data as data_lib
 from rlhf_jax.train import stages
 
@@ -73,21 +74,6 @@ def _wire(config, workdir):
   s.rm.init_from = os.path.join(workdir, "sft")
   p = s.ppo_ptx
   p.init_from, p.rm_from, p.ptx_from = os.path.join(workdir, "sft"), os.path.join(workdir, "rm"), config.ptx_from
-
-
-def _run_stage(name, config, workdir, results):
-  path = os.path.join(workdir, "results", f"{name}.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      results[name] = json.load(f)
-    return
-  print(f"==> stage {name}")
-  t0 = time.time()
-  out = load_experiment(str(HERE / _FILES[name])).train(config.stages[name], os.path.join(workdir, name))
-  results[name] = {"result": out, "seconds": time.time() - t0}
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(results[name], f, indent=2, default=float)
 
 
 def bootstrap_ci(wins: np.ndarray, n_boot: int, seed: int = 0) -> tuple[float, float]:
@@ -151,7 +137,7 @@ def train(config, workdir):
   _wire(config, workdir)
   results = {}
   for name in STAGES:
-    _run_stage(name, config, workdir, results)
+    chain.run_stage(name, HERE / _FILES[name], config.stages[name], workdir, results)
   summary = {"stages": results, "eval": evaluate(config, workdir), "wall_seconds": time.time() - t0,
              "init_from": config.init_from, "devices": [str(d) for d in jax.devices()][:1]}
   with open(os.path.join(workdir, "summary.json"), "w") as f:

@@ -10,7 +10,6 @@ only) · sft · rm (K-way labelling of SFT samples by the gold labeler, then the
 (γ = 0) · ppo_ptx (γ > 0) · a KL-coefficient sweep · evaluation of every model on held-out prompts
 → summary.json, a table, and PNG plots in the workdir.
 """
-import json
 import os
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import ml_collections as mlc
 
 from rlhf_jax import config as rcfg
 from rlhf_jax.config import load_experiment
+from rlhf_jax.recipes import chain
 
 HERE = Path(__file__).resolve().parent
 STAGE_FILES = {"pretrain": "pretrain_tiny.py", "pretrain_large": "pretrain_tiny.py", "sft": "sft_tiny.py",
@@ -63,20 +63,7 @@ def get_config():
 
 
 def _run_stage(name, stage_cfg, workdir, results):
-  path = os.path.join(workdir, "results", f"{name}.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      results[name] = json.load(f)
-    return
-  print(f"==> stage {name}")
-  t0 = time.time()
-  experiment = load_experiment(str(HERE / STAGE_FILES.get(name, "ppo_tiny.py")))
-  out = experiment.train(stage_cfg, os.path.join(workdir, name))
-  out = {"result": out, "seconds": time.time() - t0}
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(out, f, indent=2, default=float)
-  results[name] = out
+  chain.run_stage(name, HERE / STAGE_FILES.get(name, "ppo_tiny.py"), stage_cfg, workdir, results)
 
 
 def _wire(config, workdir):

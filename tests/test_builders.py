@@ -4,7 +4,6 @@ import gzip
 import json
 import os
 import pickle
-from pathlib import Path
 
 import pytest
 
@@ -12,24 +11,11 @@ from rlhf_jax.data import builders as B
 from rlhf_jax.data import records as R
 from rlhf_jax.data.builders.hh_rlhf import HhRlhf
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def need(rel: str) -> Path:
-  path = DATA / rel
-  if not path.exists():
-    pytest.skip(f"shared data {path} is absent (expected ../shared/data beside the repo)")
-  return path
+from data_fixtures import need, write_jsonl  # tests/ is on sys.path
 
 
 def strip_id(example: dict) -> dict:
   return {k: v for k, v in example.items() if k != "id"}
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-  path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows),
-                  encoding="utf-8")
-  return path
 
 
 def assert_python_types(example: dict) -> None:

@@ -15,15 +15,9 @@ from rlhf_jax.config import load_experiment
 from rlhf_jax.model import gpt, heads
 from rlhf_jax.train import stages
 import hf_fixtures  # tests/ is on sys.path (pytest's rootdir-less import)
+from data_fixtures import write_jsonl
 
 EXP = Path(__file__).resolve().parents[1] / "experiments"
-
-
-def _write_jsonl(path, rows):
-  with open(path, "w") as f:
-    for r in rows:
-      f.write(json.dumps(r) + "\n")
-  return str(path)
 
 
 def _data(root: Path):
@@ -35,8 +29,8 @@ def _data(root: Path):
             "rejected": [msg("assistant", text[i + 2][:12])]} for i in range(0, 150, 3)]
   prompts = [{"prompt": [msg("user", t)]} for t in text[:60]]
   (root / "ptx.txt").write_text("\n\n".join(" ".join(rng.choice(text, 6)) for _ in range(80)))
-  return (_write_jsonl(root / "demos.jsonl", demos), _write_jsonl(root / "prefs.jsonl", prefs),
-          _write_jsonl(root / "prompts.jsonl", prompts), str(root / "ptx.txt"))
+  return (str(write_jsonl(root / "demos.jsonl", demos)), str(write_jsonl(root / "prefs.jsonl", prefs)),
+          str(write_jsonl(root / "prompts.jsonl", prompts)), str(root / "ptx.txt"))
 
 
 def _stage(file, workdir, **overrides):

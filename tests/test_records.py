@@ -4,28 +4,13 @@ import collections
 import gzip
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from rlhf_jax.data import records as R
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def need(rel: str) -> Path:
-  path = DATA / rel
-  if not path.exists():
-    pytest.skip(f"shared data {path} is absent (expected ../shared/data beside the repo)")
-  return path
-
-
-def write_lines(path: Path, lines: list) -> Path:
-  """Writes objects as JSON lines (strings are written verbatim)."""
-  path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines),
-                  encoding="utf-8")
-  return path
+from data_fixtures import need, write_jsonl as write_lines  # tests/ is on sys.path
 
 
 def raises_at(where: str, key: str | None, match: str):

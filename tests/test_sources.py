@@ -9,20 +9,7 @@ import pytest
 from rlhf_jax.data import records as R
 from rlhf_jax.data import sources
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def need(rel: str) -> Path:
-  path = DATA / rel
-  if not path.exists():
-    pytest.skip(f"shared data {path} is absent (expected ../shared/data beside the repo)")
-  return path
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-  path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows),
-                  encoding="utf-8")
-  return path
+from data_fixtures import DATA, need, write_jsonl  # tests/ is on sys.path
 
 
 def strip_id(recs: list) -> list:
