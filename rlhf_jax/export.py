@@ -21,7 +21,7 @@ from rlhf_jax.data import tokenizer as tok_lib
 from rlhf_jax.model import hf
 from rlhf_jax.train import stages
 
-POLICY = ("pretrain", "sft", "ppo")
+POLICY = ("pretrain", "sft", "ppo", "dpo", "rloo", "grpo")
 
 
 def _token_ids(tok) -> dict:

@@ -28,7 +28,7 @@ from rlhf_jax.train.checkpoint import load_params
 
 log = logging.getLogger(__name__)
 
-POLICY_STAGES = ("pretrain", "sft", "ppo", "hf")
+POLICY_STAGES = ("pretrain", "sft", "ppo", "dpo", "rloo", "grpo", "hf")
 
 
 @dataclasses.dataclass
