@@ -152,3 +152,18 @@ def test_tokenizer_larger_than_the_model_is_one_clear_error(tmp_path):
   hf_fixtures.make_tokenizer(ckpt, hf_fixtures.CHATML, vocab_size=450)  # files from another checkpoint
   with pytest.raises(ValueError, match=r"the tokenizer has \d+ tokens but config.json has vocab_size=\d+"):
     stages.load_model(ckpt)
+
+
+def test_ptx_rows_from_a_text_jsonl_and_a_text_file(run, tmp_path):
+  from rlhf_jax.recipes import data as data_lib
+
+  tok = stages.load_model(str(run["root"] / "sft")).tok
+  texts = hf_fixtures.corpus(120, seed=3)
+  jsonl = write_jsonl(tmp_path / "ptx.jsonl", [{"text": t} for t in texts])
+  (tmp_path / "ptx.txt").write_text("\n\n".join(texts))
+  for spec in (str(jsonl), str(tmp_path / "ptx.txt")):
+    train, val = data_lib.ptx_rows(spec, tok, 16, str(tmp_path / "w"), val_fraction=0.1)
+    assert train.shape[1] == val.shape[1] == 17 and len(train) > len(val) > 0
+    assert train.dtype.kind == "i" and train.max() < tok.vocab_size
+  with pytest.raises(ValueError, match="not a pretraining workdir or a text/JSONL file"):
+    data_lib.ptx_rows(str(tmp_path / "missing.txt"), tok, 16, str(tmp_path / "w"))
