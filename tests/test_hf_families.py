@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from rlhf_jax import sampling  # noqa: E402
-from rlhf_jax.model import gpt, heads, hf  # noqa: E402
+from rlhf_jax.model import gpt, heads, hf, hf_config  # noqa: E402
 
 TOL = 1e-4
 V = 128
@@ -209,16 +209,16 @@ def test_unsupported_architecture(models, tmp_path, arch, model_type):
 def test_unsupported_rope_is_rejected(rope, match):
   base = dict(architectures=["LlamaForCausalLM"], model_type="llama", **SMALL)
   with pytest.raises(ValueError, match=match):
-    hf.config_from_hf({**base, "rope_parameters": rope})
+    hf_config.config_from_hf({**base, "rope_parameters": rope})
 
 
 def test_legacy_rope_keys_are_read():
   legacy = dict(architectures=["LlamaForCausalLM"], model_type="llama", **SMALL, rope_theta=5e5,
                 rope_scaling=dict(type="linear", factor=4.0))
-  cfg = hf.config_from_hf(legacy)
+  cfg = hf_config.config_from_hf(legacy)
   assert (cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor) == (5e5, "linear", 4.0)
   no_arch = dict(model_type="qwen3", **SMALL)  # architectures absent: model_type decides
-  assert hf.config_from_hf(no_arch).qk_norm
+  assert hf_config.config_from_hf(no_arch).qk_norm
 
 
 # ------------------------------------------------------------------ export

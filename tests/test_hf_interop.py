@@ -13,7 +13,8 @@ transformers = pytest.importorskip("transformers")
 
 from rlhf_jax.model import gpt  # noqa: E402
 from rlhf_jax.model.config import GPTConfig, preset  # noqa: E402
-from rlhf_jax.model.hf import config_from_hf, load, save  # noqa: E402
+from rlhf_jax.model.hf import load, save
+from rlhf_jax.model.hf_config import config_from_hf  # noqa: E402
 
 TOL = 1e-4
 HF_KW = dict(n_embd=96, n_layer=3, n_head=4, n_positions=64, vocab_size=211, layer_norm_epsilon=3e-5,
