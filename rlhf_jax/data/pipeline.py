@@ -10,7 +10,8 @@ Three record pipelines sit next to the packed-LM one (record schemas: `records.p
 
   SFT          demonstration -> {"tokens","targets","mask","attention_mask"}: int32 [B, T]
   reward model comparison    -> {"tokens","attention_mask"}: int32 [B, K, T],
-                                {"ranks","reward_index"}: int32 [B, K], {"valid"}: bool [B, K]
+                                {"ranks","reward_index","response_start"}: int32 [B, K],
+                                {"valid"}: bool [B, K]; for DPO also {"ref_logps"}: float32 [B, K]
   PPO prompts  prompt         -> {"tokens","attention_mask"}: int32 [B, P] (LEFT padded),
                                 {"index"}: int32 [B] (position of the record in `records`)
 
@@ -275,7 +276,7 @@ def _comparison_example(tok: Tokenizer, record: Any, max_len: int, k_max: int, w
   out = {"tokens": np.full((k_max, max_len), tok.pad_id, np.int32),
          "attention_mask": np.zeros((k_max, max_len), np.int32),
          "ranks": np.zeros(k_max, np.int32), "valid": np.zeros(k_max, bool),
-         "reward_index": np.zeros(k_max, np.int32)}
+         "reward_index": np.zeros(k_max, np.int32), "response_start": np.zeros(k_max, np.int32)}
   for k, ids in enumerate(resps):
     seq = prompt_ids + ids
     out["tokens"][k, :len(seq)] = seq
@@ -283,7 +284,19 @@ def _comparison_example(tok: Tokenizer, record: Any, max_len: int, k_max: int, w
     out["ranks"][k] = order[kept_ranks[k]]
     out["valid"][k] = True
     out["reward_index"][k] = len(seq) - 1  # the EOS (or the last kept token if the response was cut)
+    out["response_start"][k] = len(prompt_ids)
+  if "ref_logps" in record:
+    out["ref_logps"] = _slot_floats(record["ref_logps"], k_max, where)
   return out
+
+
+def _slot_floats(values: Any, k_max: int, where: str) -> np.ndarray:
+  """A record's optional per-slot float field (e.g. DPO's reference log-probs) as float32 [k_max]."""
+  arr = np.asarray(values, np.float32)
+  if arr.shape != (k_max,):
+    raise ValueError(f"pipeline.py: {where}: key 'ref_logps': expected {k_max} floats (one per slot of this "
+                     f"encoding, k_max={k_max}), got shape {arr.shape}")
+  return arr
 
 
 def _prompt_example(tok: Tokenizer, messages: Sequence[Mapping[str, str]], max_prompt_len: int,
@@ -350,10 +363,13 @@ def encode_comparison(tok: Tokenizer, record: Mapping[str, Any], max_len: int, k
   """One K-way comparison -> K_max right-padded sequences sharing the (truncated) prompt.
 
   Returns tokens, attention_mask: int32 [k_max, max_len]; ranks (dense, 0 = best),
-  reward_index (position of each sequence's last real token, its EOS): int32 [k_max];
-  valid: bool [k_max]. Slots k >= K are invalid and zero. Empty responses are dropped; with
-  K > k_max a random subset (seeded by `index`) is kept. Raises ValueError for a malformed
-  record or one that must be skipped.
+  reward_index (position of each sequence's last real token, its EOS), response_start (position
+  of each response's first token, i.e. the prompt length): int32 [k_max]; valid: bool [k_max].
+  Slots k >= K are invalid and zero. Empty responses are dropped; with K > k_max a random subset
+  (seeded by `index`) is kept. A record with a "ref_logps" key (k_max floats, one per slot of
+  this very encoding: same max_len, k_max and index) also gives ref_logps: float32 [k_max]
+  (DPO's reference log-probs, `train/dpo.py`); give it to all records of a list or to none.
+  Raises ValueError for a malformed record or one that must be skipped.
   """
   max_len = _check_len("max_len", max_len, 4)
   k_max = _check_len("k_max", k_max, 2)
@@ -529,8 +545,9 @@ def comparison_batches(records: Records, tok: Tokenizer, global_batch_size: int,
                        ) -> grain.DatasetIterator:
   """Shuffled batches of whole K-way comparisons: every pair of a prompt is in one batch element.
 
-  Yields tokens, attention_mask: int32 [B_host, k_max, max_len]; ranks, reward_index: int32
-  [B_host, k_max]; valid: bool [B_host, k_max] (see `encode_comparison`). `.stats` on the iterator.
+  Yields tokens, attention_mask: int32 [B_host, k_max, max_len]; ranks, reward_index,
+  response_start: int32 [B_host, k_max]; valid: bool [B_host, k_max]; ref_logps: float32
+  [B_host, k_max] when the records carry it (see `encode_comparison`). `.stats` on the iterator.
   """
   max_len, k_max = _check_len("max_len", max_len, 4), _check_len("k_max", k_max, 2)
   fn = _ComparisonFn(tok, max_len, k_max)

@@ -23,11 +23,12 @@ import jax.numpy as jnp
 Metrics = Dict[str, jax.Array]
 
 
-def _pair_matrix(rewards: jax.Array, ranks: jax.Array, valid: jax.Array):
+def pair_matrix(rewards: jax.Array, ranks: jax.Array, valid: jax.Array):
   """Returns (pairs bool [B,K,K], safe_diff f32 [B,K,K], r f32 [B,K]).
 
   ``pairs[b, i, j]`` is True when i is strictly better than j and both are
-  valid; ``safe_diff[b, i, j] = r_i - r_j`` on those pairs and 0 elsewhere.
+  valid; ``safe_diff[b, i, j] = r_i - r_j`` on those pairs and 0 elsewhere; ``r`` is
+  ``rewards`` in float32 with invalid entries zeroed. Shared with ``losses/dpo.py``.
   """
   r = jnp.where(valid, rewards.astype(jnp.float32), 0.0)
   both = valid[:, :, None] & valid[:, None, :]
@@ -67,7 +68,7 @@ def kwise_ranking_loss(rewards: jax.Array, ranks: jax.Array, valid: jax.Array) -
   if valid.dtype != jnp.bool_:
     raise ValueError(f"rlhf_jax/losses/ranking.py:kwise_ranking_loss: valid must be bool, got {valid.dtype}")
 
-  pairs, diff, r = _pair_matrix(rewards, ranks, valid)
+  pairs, diff, r = pair_matrix(rewards, ranks, valid)
   pairs_f = pairs.astype(jnp.float32)
 
   n_pairs_b = jnp.sum(pairs_f, axis=(1, 2))  # [B]
