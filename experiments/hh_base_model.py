@@ -37,12 +37,13 @@ def get_config():
   c.shakespeare = str(SHAKESPEARE)
   p = load_experiment(str(HERE / "pretrain_tiny.py")).get_config()
   p.model = rcfg.model("tiny", family="llama", position="rope", norm="rmsnorm", mlp="swiglu", qkv_bias=False,
-                       bias=False, tie_embeddings=True, n_layer=4, d_model=192, n_head=6, n_kv_head=2, head_dim=32,
-                       d_ff=512, max_len=512, vocab_size=4096, dropout=0.0, ln_eps=1e-5)
-  p.data.update(dict(source="text", vocab_size=4096, seq_len=128, val_fraction=0.02))
+                       bias=False, tie_embeddings=True, n_layer=4, d_model=128, n_head=4, n_kv_head=2, head_dim=32,
+                       d_ff=384, max_len=512, vocab_size=2048, dropout=0.0, ln_eps=1e-5)
+  # Sized for a 2-core CPU (~1M parameters, ~0.4 s a step); on a GPU raise all of these.
+  p.data.update(dict(source="text", vocab_size=2048, seq_len=128, val_fraction=0.02))
   p.batch_size = 32
-  p.optim = rcfg.optim(lr=2e-3, total_steps=1500, warmup_steps=100, weight_decay=0.1)
-  p.loop = rcfg.loop(num_steps=1500, log_every=100, ckpt_every=500)
+  p.optim = rcfg.optim(lr=3e-3, total_steps=800, warmup_steps=50, weight_decay=0.1)
+  p.loop = rcfg.loop(num_steps=800, log_every=100, ckpt_every=200)
   c.pretrain = p
   return c
 
