@@ -23,11 +23,10 @@ from pathlib import Path
 
 import jax
 import ml_collections as mlc
-import numpy as np
 
 from rlhf_jax import config as rcfg
 from rlhf_jax.config import load_experiment
-from rlhf_jax.eval import ppo_monitor
+from rlhf_jax.eval import bootstrap, ppo_monitor
 from rlhf_jax.model import heads
 from rlhf_jax.recipes import chain
 from rlhf_jax.recipes import data as data_lib
@@ -38,6 +37,12 @@ SHAKESPEARE = HERE.parent.parent / "shared" / "data" / "tinyshakespeare" / "inpu
 STAGES = ("sft", "rm", "ppo_ptx")
 _FILES = {"sft": "sft.py", "rm": "rm.py", "ppo_ptx": "ppo.py"}
 PRESETS = {"default": {},
+           # A 2-core CPU with a ~1M-parameter model (experiments/hh_base_model.py): the PPO stage shortened.
+           "cpu": {"stages.ppo_ptx.loop.num_steps": 30, "stages.ppo_ptx.batch_size": 16,
+                   "stages.ppo_ptx.max_prompt_len": 128, "stages.ppo_ptx.ppo.max_new_tokens": 32,
+                   "stages.ppo_ptx.optim.lr": 1e-5, "stages.ppo_ptx.value_optim.lr": 1e-4,
+                   "stages.ppo_ptx.loop.eval_every": 10, "stages.ppo_ptx.n_eval_prompts": 64,
+                   "eval.n_prompts": 200, "eval.max_new_tokens": 32},
            # Seconds on a tiny checkpoint: what the tests run (each stage also runs its own smoke preset).
            "smoke": {"eval.n_prompts": 16, "eval.max_new_tokens": 8, "eval.n_samples": 2, "eval.bootstrap": 200,
                      "stages.sft.max_len": 64, "stages.rm.max_len": 64, "stages.ppo_ptx.max_prompt_len": 48,
@@ -76,13 +81,6 @@ def _wire(config, workdir):
   p.init_from, p.rm_from, p.ptx_from = os.path.join(workdir, "sft"), os.path.join(workdir, "rm"), config.ptx_from
 
 
-def bootstrap_ci(wins: np.ndarray, n_boot: int, seed: int = 0) -> tuple[float, float]:
-  """95% percentile-bootstrap CI of the mean of per-prompt outcomes (1 win, 0.5 tie, 0 loss)."""
-  rng = np.random.default_rng(seed)
-  means = rng.choice(wins, size=(int(n_boot), len(wins)), replace=True).mean(axis=1)
-  return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
-
-
 def evaluate(config, workdir) -> dict:
   """SFT vs PPO-ptx on the held-out prompts, judged by the RM (see the module docstring)."""
   p = config.stages.ppo_ptx
@@ -101,7 +99,7 @@ def evaluate(config, workdir) -> dict:
   before = mon.initial
   r_pol, r_sft = mon.rm_scores(responses), mon.sft_rm_scores
   wins = (r_pol > r_sft) + 0.5 * (r_pol == r_sft)
-  lo, hi = bootstrap_ci(wins, config.eval.bootstrap, config.seed)
+  lo, hi = bootstrap.mean_ci(wins, config.eval.bootstrap, config.seed)
   samples = [{"prompt": prompts[i]["messages"][-1]["content"], "sft": mon.sft_responses[i], "ppo_ptx": responses[i]}
              for i in range(min(int(config.eval.n_samples), len(prompts)))]
   return {"n_prompts": len(prompts), "sft": before, "ppo_ptx": after,
