@@ -36,6 +36,7 @@ def get_config():
   c.preset = "default"
   c.seed = 0
   c.init_from = ""             # policy + frozen reference
+  c.ref_from = ""              # another frozen reference (e.g. SFT when continuing a PPO stage); "" = init_from
   c.rm_from = ""               # reward model + value init
   c.ptx_from = ""              # pretraining text for PPO-ptx and the alignment-tax metric
   c.ptx_seq_len = 128          # rows of ptx_seq_len + 1 tokens from a text/JSONL file (0: a workdir's own)

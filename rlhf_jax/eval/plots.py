@@ -161,3 +161,40 @@ def plot_beta_sweep(results: Mapping, path: str, *, rm_key: str = "ppo/score",
     if ax.lines:
       ax.legend(fontsize=8)
   return _save(fig, path)
+
+
+def plot_frontier(curves: Mapping[str, Sequence[Mapping]], path: str, *, x: str = "kl_to_sft", y: str = "gold_mean",
+                  ci: str = "gold_ci95", baseline: float | None = None, title: str = "", sqrt_x: bool = True) -> str:
+  """The over-optimisation picture (Gao et al. 2022): gold score against KL to SFT, one curve per method.
+
+  curves: {method: points in training order}, a point {x: float, y: float, ci: [low, high] (optional)};
+  points without a finite x or y are left out. baseline: drawn as a horizontal line (the SFT policy's
+  gold score). sqrt_x: the x axis is spaced by sqrt(KL), as Gao et al. plot against d = sqrt(KL)
+  (ticks stay in nats; negative KL estimates are drawn at 0). Returns path.
+  """
+  fig, (ax,) = _figure()
+  drawn = 0
+  markers = "osD^v<>phX*"
+  for i, (method, points) in enumerate(curves.items()):
+    pts = [p for p in points if p.get(x) is not None and p.get(y) is not None
+           and math.isfinite(float(p[x])) and math.isfinite(float(p[y]))]
+    if not pts:
+      continue
+    xs = np.array([float(p[x]) for p in pts])
+    ys = np.array([float(p[y]) for p in pts])
+    lo = np.array([float(p[ci][0]) if p.get(ci) else v for p, v in zip(pts, ys)])
+    hi = np.array([float(p[ci][1]) if p.get(ci) else v for p, v in zip(pts, ys)])
+    style = "--" if method.startswith("best_of_n") else "-"
+    ax.errorbar(xs, ys, yerr=np.stack([ys - lo, hi - ys]), fmt=markers[i % len(markers)] + style, ms=4, capsize=2,
+                lw=1.2, elinewidth=0.7, alpha=0.85, label=method)
+    drawn += 1
+  if not drawn:
+    raise ValueError(f"{_WHERE}: plot_frontier: no method has a point with finite {x!r} and {y!r}")
+  if baseline is not None:
+    ax.axhline(float(baseline), color="gray", ls=":", label="SFT")
+  if sqrt_x:
+    ax.set_xscale("function", functions=(lambda v: np.sqrt(np.maximum(v, 0.0)), np.square))
+    ax.set_xlim(left=0.0)
+  ax.set(xlabel="KL to SFT (nats, sqrt-spaced)" if sqrt_x else "KL to SFT (nats)", ylabel="gold score (95% CI)", title=title or "Gold score vs KL to SFT")
+  ax.legend(fontsize=7, ncol=2)
+  return _save(fig, path)

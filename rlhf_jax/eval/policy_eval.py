@@ -227,7 +227,7 @@ def evaluate_policy(name: str, cfg, params, tok: Tokenizer, prompt_records: Sequ
                     responses: Sequence[str], *, ref_params=None, sft_responses: Sequence[str] | None = None,
                     rm: tuple | None = None, pretrain_val_rows: np.ndarray | None = None, max_len: int = 96,
                     batch_size: int = 64, lm_batch_size: int = 32, n_samples: int = 5,
-                    temperature: float = 1.0) -> dict:
+                    temperature: float = 1.0, per_prompt: bool = False) -> dict:
   """Metrics of one policy's `responses` (one per prompt record) on held-out prompts.
 
   cfg/params: the policy (used for KL and the pretraining loss). ref_params: the SFT model (same
@@ -235,6 +235,8 @@ def evaluate_policy(name: str, cfg, params, tok: Tokenizer, prompt_records: Sequ
   rm: (rm_cfg, rm_params, offset) -> RM scores (offset added, e.g. the stage's reward_offset).
   pretrain_val_rows: int [N, T+1] packed held-out pretraining rows -> alignment tax.
   Metrics whose inputs are missing, or with no prompt to average over, are None.
+  per_prompt: also return gold_per_prompt (and rm_per_prompt with an RM), lists of N floats in
+  prompt order (for bootstrap intervals and paired comparisons).
 
   Returns a JSON-serialisable dict:
     name, n_prompts;
@@ -287,6 +289,8 @@ def evaluate_policy(name: str, cfg, params, tok: Tokenizer, prompt_records: Sequ
     r_pol = rm_scores(rm_cfg, rm_params, tok, prompts, responses, max_len=max_len, batch_size=batch_size)
     r_pol = r_pol.astype(np.float64) + float(offset)
     out["rm_score_mean"], out["rm_score_se"] = _mean(r_pol), _se(r_pol)
+    if per_prompt:
+      out["rm_per_prompt"] = [float(x) for x in r_pol]
     if sft_responses is not None:
       r_sft = rm_scores(rm_cfg, rm_params, tok, prompts, sft_responses, max_len=max_len,
                         batch_size=batch_size).astype(np.float64) + float(offset)
@@ -312,6 +316,8 @@ def evaluate_policy(name: str, cfg, params, tok: Tokenizer, prompt_records: Sequ
   out["mean_response_length"] = _mean([len(tok.encode(r)) for r in responses])
   out["samples"] = [{"prompt": _user_text(prompts[i]), "family": tasks[i].family, "response": responses[i],
                      "gold": float(scores[i])} for i in range(min(n_samples, n))]
+  if per_prompt:
+    out["gold_per_prompt"] = [float(x) for x in scores]
   return out
 
 

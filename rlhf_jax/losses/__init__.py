@@ -1,5 +1,6 @@
-"""Loss functions: LM cross-entropy, K-wise reward ranking, PPO-ptx (pure JAX)."""
+"""Loss functions: LM cross-entropy, K-wise reward ranking, PPO-ptx, RLOO / GRPO (pure JAX)."""
 from rlhf_jax.losses.lm import chunked_lm_loss, lm_loss, token_logprobs
+from rlhf_jax.losses.policy_gradient import group_advantages, k3_kl, policy_gradient_loss
 from rlhf_jax.losses.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -26,6 +27,8 @@ __all__ = [
     "chunked_lm_loss",
     "entropy_from_logits",
     "gae",
+    "group_advantages",
+    "k3_kl",
     "kl_penalized_rewards",
     "kwise_ranking_loss",
     "last_token_index",
@@ -34,6 +37,7 @@ __all__ = [
     "masked_var",
     "pairwise_loss",
     "per_token_kl",
+    "policy_gradient_loss",
     "policy_loss",
     "ppo_ptx_loss",
     "sequence_kl",

@@ -113,6 +113,14 @@ class Checkpointer:
     self.manager.close()
 
 
+def saved_steps(directory: str) -> list[int]:
+  """The steps of the checkpoints saved under `directory`, ascending ([] when there are none)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory)
+                if d.isdigit() and os.path.isdir(os.path.join(directory, d)))
+
+
 def load_params(directory: str, abstract_params=None, step: int | None = None):
   """Reads only the params of a stage's checkpoint (e.g. SFT params to initialise the RM).
 

@@ -35,6 +35,7 @@ import ml_collections as mlc
 import optax
 
 from rlhf_jax import parallel
+from rlhf_jax.losses import policy_gradient as pg_losses
 from rlhf_jax.losses import ppo as ppo_losses
 from rlhf_jax.losses.lm import lm_loss
 from rlhf_jax.model import gpt, heads
@@ -95,28 +96,20 @@ def create_rl_state(policy_params, value_params, ref_params, score_params, polic
   if float(init_beta) < 0:
     raise ValueError(f"{_WHERE}:create_rl_state: init_beta must be >= 0, got {init_beta}")
 
-  def init_fn(pp, vp, rp, sp, rng):
-    return {"step": jnp.zeros((), jnp.int32),
-            "policy": {"params": pp, "opt_state": policy_opt.init(pp)},
-            "value": {"params": vp, "opt_state": value_opt.init(vp)},
-            "ref": rp, "score": sp, "rng": jnp.asarray(rng, jnp.uint32),
-            "kl_beta": jnp.asarray(init_beta, jnp.float32)}
-
-  def shardings_of(abstract):
-    # Each model's subtree gets its own param_axes table (their paths overlap, e.g. "wte").
-    shardings = {k: parallel.tree_shardings(abstract[k], axes[k], mesh, rules) for k in MODELS}
-    for k in ("step", "rng", "kl_beta"):
-      shardings[k] = parallel.replicated(mesh)
-    return shardings
-
-  args = (policy_params, value_params, ref_params, score_params, state_lib.raw_key(rng))
-  return state_lib.init_sharded(init_fn, args, mesh, shardings_of, rules)
+  return state_lib.init_rl_state(
+      trained={"policy": (policy_params, policy_opt), "value": (value_params, value_opt)},
+      frozen={"ref": ref_params, "score": score_params}, axes=axes, mesh=mesh, rng=rng,
+      scalars={"kl_beta": jnp.asarray(init_beta, jnp.float32)}, rules=rules)
 
 
 # ----------------------------------------------------------------------------- losses
 
 
-def _policy_loss_fn(policy_cfg: GPTConfig, temperature: float, clip_eps: float, ptx_coef: float):
+def _policy_loss_fn(policy_cfg: GPTConfig, temperature: float, clip_eps: float, ptx_coef: float,
+                    kl_coef: float = 0.0):
+  """loss_fn(params, mb, ptx) -> (loss, metrics): the clipped surrogate on mb's sampled tokens
+  (+ ptx_coef * LM loss on the ptx rows, + kl_coef * k3 KL to mb["ref_logprobs"]); both
+  coefficients are static, a zero one is not traced. Shared by PPO and the group methods."""
   def loss_fn(params, mb, ptx):
     tokens, attn, resp_mask = mb["tokens"], mb["attention_mask"], mb["response_mask"]
     n = resp_mask.shape[1]
@@ -127,7 +120,8 @@ def _policy_loss_fn(policy_cfg: GPTConfig, temperature: float, clip_eps: float, 
     logits = gpt.unembed(params, policy_cfg, hidden) / temperature
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, tp:, None], axis=-1)[..., 0]
     logp = jnp.where(resp_mask > 0, logp, 0.0)
-    pl, metrics = ppo_losses.policy_loss(logp, mb["logprobs"], mb["advantages"], resp_mask, clip_eps)
+    pl, metrics = pg_losses.policy_gradient_loss(logp, mb["logprobs"], mb["advantages"], resp_mask, clip_eps,
+                                                 ref_logprobs=mb.get("ref_logprobs"), kl_coef=kl_coef)
     metrics["entropy"] = ppo_losses.entropy_from_logits(jax.lax.stop_gradient(logits), resp_mask)
     total = pl
     if ptx_coef > 0:  # static: with 0 the pretraining forward is never traced
@@ -154,6 +148,27 @@ def _value_loss_fn(value_cfg: GPTConfig, clip_eps: float, vf_coef: float):
 def _update(sub: dict, grads, optimizer) -> dict:
   updates, opt_state = optimizer.update(grads, sub["opt_state"], sub["params"])
   return {"params": optax.apply_updates(sub["params"], updates), "opt_state": opt_state}
+
+
+def run_epochs(minibatch, carry, data: dict, ptx: dict, perm_key, epochs: int, n_mb: int):
+  """`epochs` passes over `data`, each over `n_mb` minibatches of a fresh random permutation of its
+  rows (nested lax.scan); the ptx rows ({} = none) are split the same way with their own permutation.
+
+  minibatch(carry, (mb, ptx_mb)) -> (carry, metrics). data / ptx: dicts of [rows, ...] arrays with
+  rows divisible by n_mb. Returns (carry, metrics stacked [epochs, n_mb]).
+  """
+  b = next(iter(data.values())).shape[0]
+
+  def split(tree, perm):  # rows permuted, then [n_mb, rows/n_mb, ...]
+    return jax.tree.map(lambda x: x[perm].reshape((n_mb, x.shape[0] // n_mb) + x.shape[1:]), tree)
+
+  def epoch(carry, e):
+    k_rows, k_ptx = jax.random.split(jax.random.fold_in(perm_key, e))
+    mbs = split(data, jax.random.permutation(k_rows, b))
+    ptx_mbs = split(ptx, jax.random.permutation(k_ptx, ptx["ptx_tokens"].shape[0])) if ptx else {}
+    return jax.lax.scan(minibatch, carry, (mbs, ptx_mbs))
+
+  return jax.lax.scan(epoch, carry, jnp.arange(epochs))
 
 
 # ----------------------------------------------------------------------------- step
@@ -211,9 +226,6 @@ def make_rl_step(rollout_fn, policy_cfg, value_cfg, policy_opt, value_opt, ppo_c
                      batch["prompt_tokens"], batch["prompt_mask"], roll_key, beta)
     data = {k: exp[k] for k in _MB_KEYS}
 
-    def split(tree, perm):  # rows permuted, then [n_mb, rows/n_mb, ...]
-      return jax.tree.map(lambda x: x[perm].reshape((n_mb, x.shape[0] // n_mb) + x.shape[1:]), tree)
-
     def minibatch(carry, xs):
       pol, val = carry
       mb, ptx_mb = xs
@@ -223,13 +235,7 @@ def make_rl_step(rollout_fn, policy_cfg, value_cfg, policy_opt, value_opt, ppo_c
       (_, vmet), vgrads = value_grad(val["params"], mb)
       return (_update(pol, pgrads, policy_opt), _update(val, vgrads, value_opt)), {**pmet, **vmet}
 
-    def epoch(carry, e):
-      k_rows, k_ptx = jax.random.split(jax.random.fold_in(perm_key, e))
-      mbs = split(data, jax.random.permutation(k_rows, b))
-      ptx_mbs = split(ptx, jax.random.permutation(k_ptx, ptx["ptx_tokens"].shape[0])) if ptx else {}
-      return jax.lax.scan(minibatch, carry, (mbs, ptx_mbs))
-
-    (pol, val), mets = jax.lax.scan(epoch, (state["policy"], state["value"]), jnp.arange(epochs))
+    (pol, val), mets = run_epochs(minibatch, (state["policy"], state["value"]), data, ptx, perm_key, epochs, n_mb)
     if value_warmup > 0:
       frozen = state["step"] < value_warmup
       pol = jax.tree.map(lambda new, old: jnp.where(frozen, old, new), pol, state["policy"])

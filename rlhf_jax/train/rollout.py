@@ -18,7 +18,8 @@ Huang et al. ("The N implementation details of RLHF with PPO"):
     scorer's output;
   * the per-token reward is -beta * (log pi - log pi_ref), plus the score at the
     last response token; advantages by GAE (gamma, lam).
-Dropout is off everywhere (dropout_rng=None).
+Dropout is off everywhere (dropout_rng=None). The sampling, log-prob and scoring part is
+`sample_and_score`, which the critic-free methods (`train/group_rl.py`) run too.
 
 Alignment: everything per-token is on the response axis [B,N] (N = max_new_tokens).
 Response token t sits at full-sequence position Tp + t and is predicted from
@@ -103,28 +104,72 @@ def host_text_score_fn(score_texts: Callable[[list[str], list[str]], Any], tok) 
   return score_fn
 
 
-def _check_spec(cfgs: dict, spec: RolloutSpec) -> None:
+def check_sampling(cfgs: dict, spec, fn: str = "make_rollout") -> None:
+  """Validates the sampling fields of a rollout spec (max_new_tokens, temperature, pad/eos ids,
+  no_eos_penalty) against the models in `cfgs` ({name: GPTConfig}, which must share a vocabulary)."""
   vocab = {name: c.vocab_size for name, c in cfgs.items()}
   if len(set(vocab.values())) != 1:
-    raise ValueError(f"{_WHERE}:make_rollout: policy/value/ref must share a vocabulary, got vocab sizes {vocab}")
+    raise ValueError(f"{_WHERE}:{fn}: {'/'.join(cfgs)} must share a vocabulary, got vocab sizes {vocab}")
   v = vocab["policy"]
   if not isinstance(spec.max_new_tokens, int) or spec.max_new_tokens < 1:
-    raise ValueError(f"{_WHERE}:make_rollout: max_new_tokens must be an int >= 1, got {spec.max_new_tokens!r}")
+    raise ValueError(f"{_WHERE}:{fn}: max_new_tokens must be an int >= 1, got {spec.max_new_tokens!r}")
   if not spec.temperature > 0:
-    raise ValueError(f"{_WHERE}:make_rollout: temperature must be > 0, got {spec.temperature!r}")
+    raise ValueError(f"{_WHERE}:{fn}: temperature must be > 0, got {spec.temperature!r}")
   if not isinstance(spec.pad_id, int) or not 0 <= spec.pad_id < v:
-    raise ValueError(f"{_WHERE}:make_rollout: pad_id={spec.pad_id!r} must be an int in [0, {v})")
+    raise ValueError(f"{_WHERE}:{fn}: pad_id={spec.pad_id!r} must be an int in [0, {v})")
   if spec.eos_id is not None:
     if not isinstance(spec.eos_id, int) or not 0 <= spec.eos_id < v:
-      raise ValueError(f"{_WHERE}:make_rollout: eos_id={spec.eos_id!r} must be None or an int in [0, {v})")
+      raise ValueError(f"{_WHERE}:{fn}: eos_id={spec.eos_id!r} must be None or an int in [0, {v})")
     if spec.eos_id == spec.pad_id:
       # With pad == EOS the scorer's "last real token" and the truncation point become ambiguous.
-      raise ValueError(f"{_WHERE}:make_rollout: pad_id must differ from eos_id (both {spec.pad_id})")
+      raise ValueError(f"{_WHERE}:{fn}: pad_id must differ from eos_id (both {spec.pad_id})")
   elif spec.no_eos_penalty is not None:
-    raise ValueError(f"{_WHERE}:make_rollout: no_eos_penalty={spec.no_eos_penalty} needs an eos_id "
+    raise ValueError(f"{_WHERE}:{fn}: no_eos_penalty={spec.no_eos_penalty} needs an eos_id "
                      "(with eos_id=None no response ends, so every score would be replaced)")
+
+
+def _check_spec(cfgs: dict, spec: RolloutSpec) -> None:
+  check_sampling(cfgs, spec)
   if not 0.0 <= spec.gamma <= 1.0 or not 0.0 <= spec.lam <= 1.0:
     raise ValueError(f"{_WHERE}:make_rollout: gamma and lam must be in [0, 1], got {spec.gamma}, {spec.lam}")
+
+
+def sample_and_score(spec, p_cfg: GPTConfig, r_cfg: GPTConfig, score_fn: ScoreFn, policy_params, ref_params,
+                     score_params, prompt_tokens, prompt_mask, rng) -> dict:
+  """The part of a rollout every RL method shares: sample, recompute log-probs, score.
+
+  spec: any spec with the sampling fields of `RolloutSpec` (max_new_tokens, temperature, top_k,
+  top_p, eos_id, pad_id, no_eos_penalty). prompt_tokens / prompt_mask: int [B,Tp], left padded.
+  Returns tokens, attention_mask [B,T]; response_mask, response_tokens, logprobs,
+  sampled_logprobs, ref_logprobs [B,N]; raw_scores, scores, kl (sequence k1 KL) [B]; lengths,
+  ended [B] (see `make_rollout` for each one's definition).
+  """
+  b, tp = prompt_tokens.shape
+  gen = sampling.generate(policy_params, p_cfg, prompt_tokens, prompt_mask, rng, max_new_tokens=spec.max_new_tokens,
+                          temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p, eos_id=spec.eos_id,
+                          pad_id=spec.pad_id)
+  resp_mask = gen["mask"].astype(jnp.int32)
+  prompt_mask_i = prompt_mask.astype(jnp.int32)
+  tokens = jnp.concatenate([jnp.where(prompt_mask_i > 0, prompt_tokens.astype(jnp.int32), spec.pad_id),
+                            gen["tokens"]], axis=1)
+  mask = jnp.concatenate([prompt_mask_i, resp_mask], axis=1)
+  full_resp_mask = jnp.concatenate([jnp.zeros_like(prompt_mask_i), resp_mask], axis=1)
+
+  # Log-prob of response token t is predicted from position tp-1+t: columns tp-1.. of [B,T-1].
+  logprobs = sampling.sequence_logprobs(policy_params, p_cfg, tokens, mask, spec.temperature)[:, tp - 1:]
+  ref_logprobs = sampling.sequence_logprobs(ref_params, r_cfg, tokens, mask, spec.temperature)[:, tp - 1:]
+
+  raw_scores = score_fn(score_params, tokens, mask, full_resp_mask).astype(jnp.float32)
+  if raw_scores.shape != (b,):
+    raise ValueError(f"{_WHERE}:rollout: score_fn must return [B]={b} scores, got {raw_scores.shape}")
+  scores = raw_scores
+  if spec.no_eos_penalty is not None:
+    scores = jnp.where(gen["ended"], raw_scores, jnp.float32(spec.no_eos_penalty))
+  return {"tokens": tokens, "attention_mask": mask, "response_mask": resp_mask, "response_tokens": gen["tokens"],
+          "logprobs": logprobs, "sampled_logprobs": gen["logprobs"], "ref_logprobs": ref_logprobs,
+          "raw_scores": raw_scores, "scores": scores,
+          "kl": ppo_losses.sequence_kl(logprobs, ref_logprobs, resp_mask),
+          "lengths": gen["lengths"], "ended": gen["ended"]}
 
 
 def make_rollout(policy_cfg, value_cfg, ref_cfg, score_fn: ScoreFn, *, max_new_tokens: int,
@@ -168,52 +213,31 @@ def make_rollout(policy_cfg, value_cfg, ref_cfg, score_fn: ScoreFn, *, max_new_t
                      no_eos_penalty=None if no_eos_penalty is None else float(no_eos_penalty))
   _check_spec(cfgs, spec)
   p_cfg, v_cfg, r_cfg = cfgs["policy"], cfgs["value"], cfgs["ref"]
-  n, temp = spec.max_new_tokens, spec.temperature
 
   def rollout(policy_params, value_params, ref_params, score_params, prompt_tokens, prompt_mask, rng, beta):
-    b, tp = prompt_tokens.shape
-    gen = sampling.generate(policy_params, p_cfg, prompt_tokens, prompt_mask, rng, max_new_tokens=n,
-                            temperature=temp, top_k=spec.top_k, top_p=spec.top_p, eos_id=spec.eos_id,
-                            pad_id=spec.pad_id)
-    resp_mask = gen["mask"].astype(jnp.int32)
-    prompt_mask_i = prompt_mask.astype(jnp.int32)
-    tokens = jnp.concatenate([jnp.where(prompt_mask_i > 0, prompt_tokens.astype(jnp.int32), spec.pad_id),
-                              gen["tokens"]], axis=1)
-    mask = jnp.concatenate([prompt_mask_i, resp_mask], axis=1)
-    full_resp_mask = jnp.concatenate([jnp.zeros_like(prompt_mask_i), resp_mask], axis=1)
-
-    # Log-prob of response token t is predicted from position tp-1+t: columns tp-1.. of [B,T-1].
-    logprobs = sampling.sequence_logprobs(policy_params, p_cfg, tokens, mask, temp)[:, tp - 1:]
-    ref_logprobs = sampling.sequence_logprobs(ref_params, r_cfg, tokens, mask, temp)[:, tp - 1:]
+    tp = prompt_tokens.shape[1]
+    exp = sample_and_score(spec, p_cfg, r_cfg, score_fn, policy_params, ref_params, score_params, prompt_tokens,
+                           prompt_mask, rng)
+    tokens, mask, resp_mask = exp["tokens"], exp["attention_mask"], exp["response_mask"]
     values = heads.values(value_params, v_cfg, tokens, mask)[:, tp - 1:-1]
     values = jnp.where(resp_mask > 0, values, 0.0)
 
-    raw_scores = score_fn(score_params, tokens, mask, full_resp_mask).astype(jnp.float32)
-    if raw_scores.shape != (b,):
-      raise ValueError(f"{_WHERE}:rollout: score_fn must return [B]={b} scores, got {raw_scores.shape}")
-    scores = raw_scores
-    if spec.no_eos_penalty is not None:
-      scores = jnp.where(gen["ended"], raw_scores, jnp.float32(spec.no_eos_penalty))
-
     beta = jnp.asarray(beta, jnp.float32)
-    kl = ppo_losses.sequence_kl(logprobs, ref_logprobs, resp_mask)
-    rewards = ppo_losses.kl_penalized_rewards(scores, logprobs, ref_logprobs, resp_mask, beta)
+    scores, kl = exp["scores"], exp["kl"]
+    rewards = ppo_losses.kl_penalized_rewards(scores, exp["logprobs"], exp["ref_logprobs"], resp_mask, beta)
     advantages, returns = ppo_losses.gae(rewards, values, resp_mask, spec.gamma, spec.lam)
-    lengths = gen["lengths"]
+    lengths = exp["lengths"]
     stats = {
         "score": jnp.mean(scores),
-        "raw_score": jnp.mean(raw_scores),
+        "raw_score": jnp.mean(exp["raw_scores"]),
         "kl": jnp.mean(kl),
         "non_score_reward": jnp.mean(-beta * kl),
         "response_length": jnp.mean(lengths.astype(jnp.float32)),
-        "ended_frac": jnp.mean(gen["ended"].astype(jnp.float32)),
+        "ended_frac": jnp.mean(exp["ended"].astype(jnp.float32)),
         "kl_beta": beta,
     }
-    return {"tokens": tokens, "attention_mask": mask, "response_mask": resp_mask,
-            "response_tokens": gen["tokens"], "logprobs": logprobs, "sampled_logprobs": gen["logprobs"],
-            "ref_logprobs": ref_logprobs, "values": values, "raw_scores": raw_scores, "scores": scores,
-            "kl": kl, "rewards": rewards, "advantages": advantages, "returns": returns,
-            "lengths": lengths, "ended": gen["ended"], "stats": stats}
+    return {**exp, "values": values, "rewards": rewards, "advantages": advantages, "returns": returns,
+            "stats": stats}
 
   rollout.spec = spec
   return rollout

@@ -82,6 +82,41 @@ def init_sharded(init_fn: Callable, args: tuple, mesh, shardings_of: Callable[[A
   return state, shardings
 
 
+def init_rl_state(trained: dict, frozen: dict, axes: dict, mesh, rng, scalars: dict | None = None,
+                  rules=parallel.DEFAULT_RULES):
+  """An RL state with several models, created directly sharded on `mesh` (one jit with out_shardings):
+
+    {"step": int32 [], "rng": uint32 [2], name: {"params", "opt_state"} for each trained model,
+     name: params for each frozen model, name: scalar for each of `scalars`}
+
+  trained: {name: (params, optax optimizer)}; frozen: {name: params} (may be {} for a host scorer).
+  axes: {name: param_axes tree} for every trained and frozen model (each model its own table: their
+  paths overlap, e.g. "wte"; Adam moments follow their parameters). scalars: {name: value},
+  replicated (e.g. PPO's kl_beta). rng: PRNG key (typed or raw uint32[2]). Returns (state, shardings).
+  """
+  scalars = dict(scalars or {})
+  names = list(trained) + list(frozen)
+  missing = [k for k in names if k not in axes]
+  if missing:
+    raise ValueError(f"rlhf_jax/train/state.py:init_rl_state: axes lacks param_axes for {missing} (need {names})")
+  optimizers = {k: opt for k, (_, opt) in trained.items()}
+
+  def init_fn(trained_params, frozen_params, scalar_values, rng):
+    out = {"step": jnp.zeros((), jnp.int32), "rng": jnp.asarray(rng, jnp.uint32), **frozen_params, **scalar_values}
+    for k, p in trained_params.items():
+      out[k] = {"params": p, "opt_state": optimizers[k].init(p)}
+    return out
+
+  def shardings_of(abstract):
+    shardings = {k: parallel.tree_shardings(abstract[k], axes[k], mesh, rules) for k in names}
+    for k in ("step", "rng", *scalars):
+      shardings[k] = parallel.replicated(mesh)
+    return shardings
+
+  args = ({k: p for k, (p, _) in trained.items()}, dict(frozen), scalars, raw_key(rng))
+  return init_sharded(init_fn, args, mesh, shardings_of, rules)
+
+
 def _train_state(params, optimizer, rng) -> State:
   return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params), "rng": rng}
 
