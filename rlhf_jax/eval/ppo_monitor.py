@@ -30,16 +30,20 @@ class Monitor:
     self.rng = jax.random.PRNGKey(seed + 12345)
     self.gold = gold
     self.sft_responses = self.sample(sft_params)
-    self.initial = self(sft_params)
+    self.initial = self.metrics(sft_params, self.sft_responses)  # the same rng: no second SFT sampling pass
 
   def sample(self, params) -> list[str]:
     return policy_eval.sample_policy(self.cfg, params, self.tok, self.records, self.rng, self.settings)
 
   def __call__(self, params) -> dict[str, float]:
+    return self.metrics(params, self.sample(params))
+
+  def metrics(self, params, responses) -> dict[str, float]:
+    """The held-out metrics of `params` given its `responses` to the prompts (one per record)."""
     if not self.gold:
-      return self.model_metrics(params, self.sample(params))
+      return self.model_metrics(params, responses)
     out = policy_eval.evaluate_policy(
-        "policy", self.cfg, params, self.tok, self.records, self.sample(params), ref_params=self.sft_params,
+        "policy", self.cfg, params, self.tok, self.records, responses, ref_params=self.sft_params,
         sft_responses=self.sft_responses, rm=self.rm, pretrain_val_rows=self.val_rows, max_len=self.max_len,
         temperature=self.settings.temperature)
     return {k: float(out[k]) for k in SCALARS if out.get(k) is not None}

@@ -17,12 +17,13 @@ import os
 import ml_collections as mlc
 import numpy as np
 
-from rlhf_jax.data import lm_data, pipeline, sources, synthetic
+from rlhf_jax.data import lm_data, pipeline, records, sources, synthetic
+from rlhf_jax.data import tokenizer as tok_lib
 from rlhf_jax.train import stages
 
 log = logging.getLogger(__name__)
 
-KINDS = ("demonstrations", "comparisons", "prompts", "text")
+KINDS = records.KINDS
 
 
 def data_config(**overrides) -> mlc.ConfigDict:
@@ -92,7 +93,6 @@ def ptx_rows(spec: str, tok, seq_len: int, workdir: str, val_fraction: float = 0
       raise ValueError(f"ptx_from={spec!r} is a {info['stage']!r} stage; expected a pretraining workdir or a text file")
     data_cfg = mlc.ConfigDict(info["data"])
     ptx_tok, train, val = lm_data.prepare_lm_data(data_cfg, seq_len if seq_len else data_cfg.seq_len, spec)
-    from rlhf_jax.data import tokenizer as tok_lib  # noqa: PLC0415
     tok_lib.check_compatible(tok, ptx_tok, "the policy", spec)
     return train, val
   if not os.path.isfile(spec):

@@ -22,7 +22,7 @@ import os
 import jax
 
 from rlhf_jax.data import tokenizer as tok_lib
-from rlhf_jax.model import gpt, heads, hf
+from rlhf_jax.model import gpt, hf
 from rlhf_jax.model.config import GPTConfig
 from rlhf_jax.train.checkpoint import load_params
 
@@ -156,8 +156,3 @@ def load_reward_model(path: str, dropout: float | None = None, key: str = "rm_fr
 def check_same_tokenizer(a: Model, b: Model) -> None:
   """The policy and the reward model must read the same token ids; one clear error if not."""
   tok_lib.check_compatible(a.tok, b.tok, a.path, b.path)
-
-
-def scalar_model_from(lm: Model, rng, zero_head: bool = False) -> dict:
-  """Reward-model params on `lm`'s trunk: the unembedding replaced by a fresh scalar head."""
-  return heads.from_lm(lm.params, lm.config, rng, zero_head=zero_head)
