@@ -3,10 +3,6 @@ end to end (structure only: every method ran, every metric is present and finite
 import itertools
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import ml_collections as mlc
 import numpy as np
@@ -15,8 +11,7 @@ import pytest
 from rlhf_jax.eval import bootstrap, rm_diagnostics
 from rlhf_jax.recipes import frontier
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONUNBUFFERED": "1"}
+from main_fixtures import finite, run_smoke  # tests/ is on sys.path
 
 
 def test_best_of_n_expected_equals_the_mean_over_all_subsets():
@@ -60,13 +55,7 @@ def test_budget_sizing_counts_policy_tokens(tmp_path):
 
 
 def _run(workdir):
-  return subprocess.run([sys.executable, "-m", "rlhf_jax.main", "--config", "experiments/frontier_tiny.py",
-                         "--workdir", str(workdir), "--config.preset=smoke"], cwd=REPO, env=ENV,
-                        capture_output=True, text=True, timeout=1800)
-
-
-def _finite(x):
-  return isinstance(x, (int, float)) and math.isfinite(x)
+  return run_smoke("frontier_tiny.py", workdir, timeout=1800)
 
 
 def test_frontier_smoke(tmp_path):
@@ -82,10 +71,10 @@ def test_frontier_smoke(tmp_path):
     assert m["points"], name
     for p in m["points"]:
       for key in ("gold_mean", "kl_to_sft", "rm_score_mean", "pretrain_val_loss"):
-        assert _finite(p[key]), (name, key, p.get(key))
+        assert finite(p[key]), (name, key, p.get(key))
       assert 0.0 <= p["gold_ci95"][0] <= p["gold_mean"] <= p["gold_ci95"][1] <= 1.0, name
     if name != "best_of_n":
-      assert m["policy_tokens"] > 0 and _finite(m["train_seconds"])
+      assert m["policy_tokens"] > 0 and finite(m["train_seconds"])
       assert (tmp_path / name / "stage.json").exists() or (tmp_path / name / "round0" / "ppo" / "stage.json").exists()
   assert [p["n"] for p in summary["methods"]["best_of_n"]["points"]] == [1, 2, 4]
   assert len(summary["methods"]["iterated_ppo"]["points"]) >= 2      # both rounds' checkpoints

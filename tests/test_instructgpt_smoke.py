@@ -3,25 +3,14 @@
 This asserts the pipeline's structure, not the paper's claims (those need the full run).
 """
 import json
-import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONUNBUFFERED": "1"}
+from main_fixtures import finite, run_smoke  # tests/ is on sys.path
+
 STAGES = ("pretrain", "pretrain_large", "sft", "rm", "ppo", "ppo_ptx")
 
 
 def _run(workdir):
-  return subprocess.run([sys.executable, "-m", "rlhf_jax.main", "--config", "experiments/instructgpt_tiny.py",
-                         "--workdir", str(workdir), "--config.preset=smoke"], cwd=REPO, env=ENV,
-                        capture_output=True, text=True, timeout=900)
-
-
-def _finite(x):
-  return isinstance(x, (int, float)) and math.isfinite(x)
+  return run_smoke("instructgpt_tiny.py", workdir, timeout=900)
 
 
 def test_instructgpt_smoke_pipeline(tmp_path):
@@ -35,10 +24,10 @@ def test_instructgpt_smoke_pipeline(tmp_path):
     m = summary["models"][name]
     for key in ("gold_mean", "gold_se", "win_rate_vs_sft_gold", "rm_score_mean", "pretrain_val_loss",
                 "mean_response_length", "num_params"):
-      assert _finite(m[key]), (name, key, m[key])
+      assert finite(m[key]), (name, key, m[key])
     assert 0.0 <= m["gold_mean"] <= 1.0
   for name in ("sft", "ppo", "ppo_ptx"):
-    assert _finite(summary["models"][name]["kl_to_sft"])
+    assert finite(summary["models"][name]["kl_to_sft"])
   assert summary["models"]["sft"]["win_rate_vs_sft_gold"] == 0.5
   assert 0.0 <= summary["rm"]["heldout_accuracy"] <= 1.0
   bon = summary["rm"]["best_of_n_sft"]
