@@ -193,7 +193,8 @@ def _prefill(params, cfg: GPTConfig, prompt_tokens, prompt_mask, rng, temperatur
   b, tp = prompt_tokens.shape
   n = max_new_tokens
   prompt_mask = prompt_mask.astype(jnp.int32)
-  cache = gpt.init_cache(cfg, b, tp + n - 1)
+  params = gpt.unstack_blocks(params)
+  cache = gpt.unstack_cache(gpt.init_cache(cfg, b, tp + n - 1))   # one buffer per layer, updated in place
   cache_mask = jnp.concatenate([prompt_mask, jnp.zeros((b, n - 1), jnp.int32)], axis=1)
   hidden, cache = gpt.forward(params, cfg, prompt_tokens.astype(jnp.int32), cache_mask,
                               gpt.positions_from_mask(prompt_mask), cache, 0)
@@ -224,6 +225,7 @@ def _decode_step(params, cfg: GPTConfig, state: State, spec: SamplingSpec) -> St
   cache_mask = jax.lax.dynamic_update_slice_in_dim(state["cache_mask"], jnp.ones((b, 1), jnp.int32), slot,
                                                    axis=1)
   positions = (state["prompt_lengths"] + i)[:, None]
+  params = gpt.unstack_blocks(params)   # no-op inside `generate` (split once, before the loop)
   hidden, cache = gpt.forward(params, cfg, last, cache_mask, positions, state["cache"], slot)
   logits = gpt.unembed(params, cfg, hidden[:, 0])
   state = {**state, "cache": cache, "cache_mask": cache_mask, "step": i + 1}
@@ -239,6 +241,7 @@ def outputs(state: State) -> dict:
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "spec"))
 def _generate_jit(params, config, prompt_tokens, prompt_mask, rng, temperature, eos_id, pad_id, *,
                   max_new_tokens, spec):
+  params = gpt.unstack_blocks(params)   # weights sliced per layer once, not on every decode step
   state = _prefill(params, config, prompt_tokens, prompt_mask, rng, temperature, eos_id, pad_id,
                    max_new_tokens, spec)
   # Stop when every row has ended: remaining columns already hold pad / 0 / mask 0.
@@ -355,7 +358,7 @@ def _beam_select(bs: State, logp, t, k: int, eos_id, alpha, n: int) -> State:
   alive_seq = jnp.take_along_axis(seqs, a_idx[:, :, None], axis=1)
   a_parent = jnp.take_along_axis(parent, a_idx, axis=1)
   rows = (jnp.arange(b)[:, None] * k + a_parent).reshape(-1)
-  cache = jax.tree.map(lambda x: jnp.take(x, rows, axis=1), bs["cache"])
+  cache = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), bs["cache"])   # per-layer [B*K,KV,S,Dh]
 
   # Exact stop for the best hypothesis (alpha >= 0, log-probs <= 0): an alive beam's final
   # score is at most its current sum / N**alpha.
@@ -371,14 +374,15 @@ def _beam_search_jit(params, config, prompt_tokens, prompt_mask, eos_id, pad_id,
   cfg, k, n, alpha = config, beam_width, max_new_tokens, length_penalty
   b, tp = prompt_tokens.shape
   prompt_mask = prompt_mask.astype(jnp.int32)
-  cache = gpt.init_cache(cfg, b, tp + n - 1)
+  params = gpt.unstack_blocks(params)
+  cache = gpt.unstack_cache(gpt.init_cache(cfg, b, tp + n - 1))
   cache_mask = jnp.concatenate([prompt_mask, jnp.zeros((b, n - 1), jnp.int32)], axis=1)
   hidden, cache = gpt.forward(params, cfg, prompt_tokens.astype(jnp.int32), cache_mask,
                               gpt.positions_from_mask(prompt_mask), cache, 0)
   logp0 = jax.nn.log_softmax(gpt.unembed(params, cfg, hidden[:, -1]), axis=-1)
   # Beams of a row share the prompt: prefill once, then copy the cache K times. Alive
   # beams always hold t real tokens, so the slot mask and positions are per row.
-  cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=1), cache)
+  cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache)
   cache_mask = jnp.repeat(cache_mask, k, axis=0)
   start_pos = jnp.repeat(jnp.sum(prompt_mask, axis=1), k)
   bs = {

@@ -68,7 +68,7 @@ def test_llama_options_param_count_and_layout():
   assert attn["q_norm"]["scale"].shape == (2, 12) and "out_bias" not in attn
   assert set(mlp) == {"fc_kernel", "gate_kernel", "proj_kernel"}
   assert "wpe" not in shapes and shapes["lm_head"].shape == (97, 64) and set(shapes["ln_f"]) == {"scale"}
-  assert gpt.init_cache(LLAMA, 3, 8)["k"].shape == (2, 3, 8, 2, 12)
+  assert gpt.init_cache(LLAMA, 3, 8)["k"].shape == (2, 3, 2, 8, 12)
   # Untied lm_head: 6N counts it, not the input table; no position table is subtracted.
   assert LLAMA.flops_per_token(16) == 6.0 * (LLAMA.num_params() - 97 * 64) + 12.0 * 2 * 16 * 4 * 12
 

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rlhf_jax import sampling
 from rlhf_jax.model import gpt, heads
 from rlhf_jax.train import rollout as rollout_lib
 
@@ -38,18 +39,19 @@ def _prompts(seed=0):
 
 
 @functools.lru_cache(maxsize=None)
-def _rollout_fn(no_eos_penalty=-1.0):
+def _rollout_fn(no_eos_penalty=-1.0, recompute=False):
   fn = rollout_lib.make_rollout(CFG, CFG, CFG, count_score, max_new_tokens=N, temperature=TEMP, eos_id=EOS,
-                                pad_id=PAD, gamma=1.0, lam=0.95, no_eos_penalty=no_eos_penalty)
+                                pad_id=PAD, gamma=1.0, lam=0.95, no_eos_penalty=no_eos_penalty,
+                                recompute_logprobs=recompute)
   return jax.jit(fn)
 
 
 @functools.lru_cache(maxsize=None)
-def _run(ref="same", no_eos_penalty=-1.0):
+def _run(ref="same", no_eos_penalty=-1.0, recompute=False):
   toks, mask = _prompts()
   ref_params = POLICY if ref == "same" else OTHER
-  exp = _rollout_fn(no_eos_penalty)(POLICY, VALUE, ref_params, SCORE_PARAMS, toks, mask,
-                                    jax.random.PRNGKey(42), jnp.float32(BETA))
+  exp = _rollout_fn(no_eos_penalty, recompute)(POLICY, VALUE, ref_params, SCORE_PARAMS, toks, mask,
+                                               jax.random.PRNGKey(42), jnp.float32(BETA))
   return toks, mask, jax.device_get(exp)
 
 
@@ -80,22 +82,34 @@ def test_shapes_truncation_and_masks():
   assert e["stats"]["response_length"] == pytest.approx(e["lengths"].mean())
 
 
-def test_recomputed_logprobs_equal_sampled():
+def test_reused_sampler_logprobs_equal_an_uncached_recompute():
+  """The default reuses the sampler's log-probs (no extra policy forward); they must equal the
+  learner's definition, an uncached `sequence_logprobs` over prompt + response."""
   _, _, e = _run()
+  _, _, r = _run(recompute=True)
+  np.testing.assert_array_equal(e["response_tokens"], r["response_tokens"])   # same samples
   m = e["response_mask"] > 0
-  np.testing.assert_allclose(e["logprobs"][m], e["sampled_logprobs"][m], atol=1e-4)
+  recomputed = np.asarray(sampling.sequence_logprobs(POLICY, CFG, jnp.asarray(e["tokens"]),
+                                                     jnp.asarray(e["attention_mask"]), TEMP))[:, TP - 1:]
+  np.testing.assert_array_equal(e["logprobs"], e["sampled_logprobs"])
+  np.testing.assert_allclose(e["logprobs"][m], recomputed[m], atol=1e-5)
+  np.testing.assert_allclose(r["logprobs"], np.where(m, recomputed, 0.0), atol=1e-6)
+  np.testing.assert_allclose(e["advantages"], r["advantages"], atol=1e-4)
   assert (e["logprobs"][~m] == 0).all() and (e["ref_logprobs"][~m] == 0).all()
   assert (e["logprobs"][m] < 0).all()
 
 
 def test_reference_equal_to_policy_gives_zero_kl_and_score_only_reward():
-  _, _, e = _run(ref="same")
-  np.testing.assert_allclose(e["kl"], 0.0, atol=1e-6)
-  last = e["lengths"] - 1
-  expected = np.zeros((B, N), np.float32)
-  expected[np.arange(B), last] = e["scores"]
-  np.testing.assert_allclose(e["rewards"], expected, atol=1e-6)
-  assert e["stats"]["kl"] == pytest.approx(0.0, abs=1e-6)
+  # Policy log-probs come from the cached sampler, the reference's from an uncached forward:
+  # equal up to float rounding (exactly equal with recompute_logprobs=True).
+  for recompute, tol in ((False, 1e-5), (True, 1e-6)):
+    _, _, e = _run(ref="same", recompute=recompute)
+    np.testing.assert_allclose(e["kl"], 0.0, atol=tol)
+    last = e["lengths"] - 1
+    expected = np.zeros((B, N), np.float32)
+    expected[np.arange(B), last] = e["scores"]
+    np.testing.assert_allclose(e["rewards"], expected, atol=tol)
+    assert e["stats"]["kl"] == pytest.approx(0.0, abs=tol)
 
 
 def _gae_reference(rewards, values, mask, gamma, lam):

@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 
-REMATS = ("none", "full", "dots")
+REMATS = ("auto", "none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
 POSITIONS = ("learned", "rope")
@@ -48,8 +49,12 @@ class GPTConfig:
   ln_eps: float = 1e-5         # epsilon of every norm (LayerNorm or RMSNorm)
   init_std: float = 0.02
   dtype: str = "float32"       # compute dtype; params stay float32 (master weights)
-  remat: str = "none"          # none | full | dots: activation rematerialisation per block
-  scan_layers: bool = True     # lax.scan over stacked blocks (compile time independent of depth)
+  # Per-backend defaults (`resolved_remat` / `resolved_scan_layers`), measured in benchmarks/RESULTS.md:
+  # on CPU no remat and unrolled layers (XLA:CPU's scan backward costs ~20%); on GPU/TPU
+  # remat="dots" (keeps matmul outputs, recomputes elementwise ops) and lax.scan (compile time
+  # independent of depth).
+  remat: str = "auto"          # auto | none | full | dots: activation rematerialisation per block
+  scan_layers: bool | None = None  # lax.scan over stacked blocks; None = per backend
   # ---- architecture family (defaults: GPT-2)
   family: str = "gpt2"         # gpt2 | llama | mistral | qwen2 | qwen3: the HF class `hf.save` writes
   position: str = "learned"    # learned (table wpe) | rope (rotary, HF rotate_half convention)
@@ -93,6 +98,18 @@ class GPTConfig:
           self.rope_original_max_len < 1 or self.rope_high_freq_factor <= self.rope_low_freq_factor):
         raise ValueError("GPTConfig: llama3 rope scaling needs rope_original_max_len >= 1 and "
                          "rope_high_freq_factor > rope_low_freq_factor")
+
+  def resolved_remat(self) -> str:
+    """remat with "auto" resolved for the default backend: "none" on CPU, "dots" elsewhere."""
+    if self.remat != "auto":
+      return self.remat
+    return "none" if jax.default_backend() == "cpu" else "dots"
+
+  def resolved_scan_layers(self) -> bool:
+    """scan_layers with None resolved for the default backend: unrolled on CPU, scanned elsewhere."""
+    if self.scan_layers is not None:
+      return bool(self.scan_layers)
+    return jax.default_backend() != "cpu"
 
   @property
   def d_head(self) -> int:

@@ -73,6 +73,7 @@ class GroupRolloutSpec:
   kl_mode: str
   kl_coef: float
   eps: float
+  recompute_logprobs: bool = False   # see rollout.sample_and_score
 
 
 def _check_group(spec: GroupRolloutSpec) -> None:

@@ -58,6 +58,7 @@ class RolloutSpec:
   gamma: float
   lam: float
   no_eos_penalty: float | None
+  recompute_logprobs: bool = False   # True: one more uncached policy forward (see sample_and_score)
 
 
 def reward_model_score_fn(rm_config) -> ScoreFn:
@@ -156,7 +157,15 @@ def sample_and_score(spec, p_cfg: GPTConfig, r_cfg: GPTConfig, score_fn: ScoreFn
   full_resp_mask = jnp.concatenate([jnp.zeros_like(prompt_mask_i), resp_mask], axis=1)
 
   # Log-prob of response token t is predicted from position tp-1+t: columns tp-1.. of [B,T-1].
-  logprobs = sampling.sequence_logprobs(policy_params, p_cfg, tokens, mask, spec.temperature)[:, tp - 1:]
+  # The sampler's log-probs have the learner's definition (log_softmax(logits / T) before
+  # top-k/top-p, same params, no dropout), so they are reused, as lm-human-preferences does;
+  # they differ from an uncached recompute only by float rounding (<1e-5, tests/test_rollout.py).
+  # recompute_logprobs=True adds the uncached policy forward (TRL's choice) for a first PPO
+  # ratio of exactly 1.
+  if spec.recompute_logprobs:
+    logprobs = sampling.sequence_logprobs(policy_params, p_cfg, tokens, mask, spec.temperature)[:, tp - 1:]
+  else:
+    logprobs = gen["logprobs"]
   ref_logprobs = sampling.sequence_logprobs(ref_params, r_cfg, tokens, mask, spec.temperature)[:, tp - 1:]
 
   raw_scores = score_fn(score_params, tokens, mask, full_resp_mask).astype(jnp.float32)
@@ -175,7 +184,7 @@ def sample_and_score(spec, p_cfg: GPTConfig, r_cfg: GPTConfig, score_fn: ScoreFn
 def make_rollout(policy_cfg, value_cfg, ref_cfg, score_fn: ScoreFn, *, max_new_tokens: int,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: int | None,
                  pad_id: int, gamma: float = 1.0, lam: float = 0.95,
-                 no_eos_penalty: float | None = None):
+                 no_eos_penalty: float | None = None, recompute_logprobs: bool = False):
   """Builds the pure rollout function (see the module docstring).
 
   policy_cfg / ref_cfg: GPTConfig of the policy and the frozen reference (SFT) LM.
@@ -184,6 +193,8 @@ def make_rollout(policy_cfg, value_cfg, ref_cfg, score_fn: ScoreFn, *, max_new_t
     -> float32 [B]; e.g. `reward_model_score_fn(rm_cfg)`, or a synthetic reward in tests.
   eos_id: None = fixed-length responses (then no_eos_penalty must be None).
   no_eos_penalty: the score given to responses without EOS (None = keep the scorer's score).
+  recompute_logprobs: False (default) reuses the sampler's log-probs as the old log-probs;
+    True recomputes them with one uncached policy forward.
   top_k / top_p: sampling filters; the log-probs are still those of the unfiltered
     temperature-scaled distribution (see rlhf_jax/sampling.py), so keep them off for PPO
     unless you accept that mismatch.
@@ -193,7 +204,8 @@ def make_rollout(policy_cfg, value_cfg, ref_cfg, score_fn: ScoreFn, *, max_new_t
     attention_mask  int32 [B,T]  1 on real tokens (prompt and response up to and including EOS)
     response_mask   int32 [B,N]  1 on generated tokens, including the EOS
     response_tokens int32 [B,N]
-    logprobs        float32 [B,N] policy log-probs (recomputed, temperature-scaled); 0 off the mask
+    logprobs        float32 [B,N] policy log-probs (temperature-scaled; the sampler's unless
+                    recompute_logprobs); 0 off the mask
     sampled_logprobs float32 [B,N] the same, as reported by the sampler (KV-cache path)
     ref_logprobs    float32 [B,N] reference log-probs, same definition
     values          float32 [B,N] V(s_t) before emitting response token t; 0 off the mask
@@ -210,7 +222,8 @@ def make_rollout(policy_cfg, value_cfg, ref_cfg, score_fn: ScoreFn, *, max_new_t
           "ref": GPTConfig.from_dict(ref_cfg)}
   spec = RolloutSpec(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
                      top_p=float(top_p), eos_id=eos_id, pad_id=pad_id, gamma=float(gamma), lam=float(lam),
-                     no_eos_penalty=None if no_eos_penalty is None else float(no_eos_penalty))
+                     no_eos_penalty=None if no_eos_penalty is None else float(no_eos_penalty),
+                     recompute_logprobs=bool(recompute_logprobs))
   _check_spec(cfgs, spec)
   p_cfg, v_cfg, r_cfg = cfgs["policy"], cfgs["value"], cfgs["ref"]
 
@@ -245,7 +258,8 @@ def make_rollout(policy_cfg, value_cfg, ref_cfg, score_fn: ScoreFn, *, max_new_t
 
 def make_rollout_from_config(policy_cfg, value_cfg, ref_cfg, score_fn: ScoreFn, ppo_cfg, *, eos_id, pad_id):
   """`make_rollout` with the generation / GAE settings read from a PPO ConfigDict
-  (max_new_tokens, temperature, top_k, top_p, gamma, lam, no_eos_penalty); eos/pad come
+  (max_new_tokens, temperature, top_k, top_p, gamma, lam, no_eos_penalty, optional
+  recompute_logprobs); eos/pad come
   from the tokenizer."""
   missing = [k for k in ("max_new_tokens", "temperature", "top_k", "top_p", "gamma", "lam", "no_eos_penalty")
              if k not in ppo_cfg]
@@ -254,4 +268,5 @@ def make_rollout_from_config(policy_cfg, value_cfg, ref_cfg, score_fn: ScoreFn, 
   return make_rollout(policy_cfg, value_cfg, ref_cfg, score_fn, max_new_tokens=int(ppo_cfg.max_new_tokens),
                       temperature=float(ppo_cfg.temperature), top_k=int(ppo_cfg.top_k),
                       top_p=float(ppo_cfg.top_p), eos_id=eos_id, pad_id=pad_id, gamma=float(ppo_cfg.gamma),
-                      lam=float(ppo_cfg.lam), no_eos_penalty=ppo_cfg.no_eos_penalty)
+                      lam=float(ppo_cfg.lam), no_eos_penalty=ppo_cfg.no_eos_penalty,
+                      recompute_logprobs=bool(ppo_cfg.get("recompute_logprobs", False)))

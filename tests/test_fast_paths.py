@@ -1,0 +1,192 @@
+"""The fast paths equal the reference paths (benchmarks/RESULTS.md measures what they buy).
+
+- `layers.dense` (hand-written VJP, weight gradient as one token-contracting dot) vs `x @ w`
+  differentiated by JAX;
+- the whole model's gradient with the fast layers vs a plain-einsum reference forward;
+- unrolled layers vs `lax.scan`, remat variants;
+- the chunked cross-entropy (no [B,T,V] logits) vs full logits;
+- per-layer KV cache (decode loops) vs the stacked cache, and cached vs uncached logits.
+Gradients agree to 1e-5 (float32).
+"""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.model import gpt, layers
+from rlhf_jax.train import steps
+
+
+CFG = gpt.preset("nano", dropout=0.0, vocab_size=96, max_len=32)
+LLAMA = dataclasses.replace(CFG, family="llama", position="rope", norm="rmsnorm", mlp="swiglu", bias=False,
+                            qkv_bias=False, n_kv_head=2, tie_embeddings=False)
+PARAMS = gpt.init(CFG, jax.random.PRNGKey(0))
+LPARAMS = gpt.init(LLAMA, jax.random.PRNGKey(1))
+B, T = 3, 12
+
+
+def _batch(cfg, seed=0):
+  rng = np.random.default_rng(seed)
+  toks = rng.integers(0, cfg.vocab_size, (B, T + 1)).astype(np.int32)
+  attn = np.ones((B, T), np.int32)
+  attn[1, :4] = 0                      # one left-padded row
+  mask = attn.copy()
+  mask[:, :3] = 0
+  return {"tokens": jnp.asarray(toks[:, :-1]), "targets": jnp.asarray(toks[:, 1:]), "mask": jnp.asarray(mask),
+          "attention_mask": jnp.asarray(attn)}
+
+
+def _close(a, b, tol=1e-5):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (2, 3, 5)])
+def test_dense_custom_vjp_matches_autodiff(shape):
+  kx, kw, kg = jax.random.split(jax.random.PRNGKey(2), 3)
+  x = jax.random.normal(kx, shape)
+  w = jax.random.normal(kw, (5, 4))
+  g = jax.random.normal(kg, shape[:-1] + (4,))
+  fast = jax.vjp(layers.dense, x, w)
+  ref = jax.vjp(lambda a, b: a @ b, x, w)
+  _close(fast[0], ref[0])
+  _close(fast[1](g), ref[1](g))
+
+
+def test_dense_nd_matches_einsum_for_attention_kernels():
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 4, 3, 5))     # [B,T,H,Dh]
+  w = jax.random.normal(jax.random.PRNGKey(4), (3, 5, 6))        # [H,Dh,D]
+  f = lambda a, b: jnp.sum(jnp.sin(layers.dense_nd(a, b, 2)))
+  r = lambda a, b: jnp.sum(jnp.sin(jnp.einsum("bthk,hkd->btd", a, b)))
+  _close(jax.grad(f, argnums=(0, 1))(x, w), jax.grad(r, argnums=(0, 1))(x, w))
+
+
+def _reference_logits(params, cfg, tokens, attention_mask):
+  """A plain forward with jnp einsums and autodiffed norms (no custom VJPs, no head-major
+  layout): the reference the fast model is checked against."""
+  pos = gpt.positions_from_mask(attention_mask)
+  x = params["wte"][tokens] + (params["wpe"][pos] if cfg.position == "learned" else 0)
+  t = tokens.shape[1]
+  mask = jnp.tril(jnp.ones((t, t), bool))[None] & (attention_mask[:, None, :] > 0)
+  rope = layers.rope_tables(cfg, pos) if cfg.position == "rope" else None
+
+  def norm(p, h):
+    h32 = h.astype(jnp.float32)
+    if cfg.norm == "rmsnorm":
+      return h32 / jnp.sqrt(jnp.mean(h32 ** 2, -1, keepdims=True) + cfg.ln_eps) * p["scale"]
+    mu = jnp.mean(h32, -1, keepdims=True)
+    var = jnp.mean((h32 - mu) ** 2, -1, keepdims=True)
+    return (h32 - mu) / jnp.sqrt(var + cfg.ln_eps) * p["scale"] + p.get("bias", 0.0)
+
+  for i in range(cfg.n_layer):
+    bp = jax.tree.map(lambda a: a[i], params["blocks"])
+    a, m = bp["attn"], bp["mlp"]
+    h = norm(bp["ln1"], x)
+    q = jnp.einsum("btd,dhk->bthk", h, a["q_kernel"])
+    kv = jnp.einsum("btd,dchk->btchk", h, a["kv_kernel"])
+    if "q_bias" in a:
+      q, kv = q + a["q_bias"], kv + a["kv_bias"]
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    if rope is not None:
+      q, k = layers.apply_rope(q, *rope), layers.apply_rope(k, *rope)
+    rep = cfg.n_head // cfg.kv_heads
+    k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+    s = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(cfg.d_head)
+    p = jax.nn.softmax(jnp.where(mask[:, None], s, layers.NEG_INF), -1)
+    o = jnp.einsum("bhts,bshd->bthd", p, v)
+    x = x + jnp.einsum("bthk,hkd->btd", o, a["out_kernel"]) + a.get("out_bias", 0.0)
+    h = norm(bp["ln2"], x)
+    up = h @ m["fc_kernel"] + m.get("fc_bias", 0.0)
+    if "gate_kernel" in m:
+      up = jax.nn.silu(h @ m["gate_kernel"]) * up
+    else:
+      up = jax.nn.gelu(up, approximate=True)
+    x = x + up @ m["proj_kernel"] + m.get("proj_bias", 0.0)
+  x = norm(params["ln_f"], x)
+  return jnp.einsum("btd,vd->btv", x, gpt.unembedding_table(params, cfg))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_model_gradient_matches_plain_reference(family):
+  cfg, params = (CFG, PARAMS) if family == "gpt2" else (LLAMA, LPARAMS)
+  batch = _batch(cfg)
+
+  def ref_loss(p):
+    from rlhf_jax.losses.lm import lm_loss
+    return lm_loss(_reference_logits(p, cfg, batch["tokens"], batch["attention_mask"]), batch["targets"],
+                   batch["mask"])[0]
+  fast_loss = lambda p: steps.lm_loss_fn(cfg)(p, batch, None)[0]
+  lf, gf = jax.value_and_grad(fast_loss)(params)
+  lr, gr = jax.value_and_grad(ref_loss)(params)
+  np.testing.assert_allclose(lf, lr, atol=1e-5)
+  _close(gf, gr)
+
+
+@pytest.mark.parametrize("variant", [dict(scan_layers=True), dict(scan_layers=False), dict(remat="full"),
+                                     dict(remat="dots", scan_layers=True)])
+def test_layer_loop_and_remat_variants_give_the_same_gradient(variant):
+  batch = _batch(LLAMA, 1)
+  base = dataclasses.replace(LLAMA, scan_layers=True, remat="none")
+  cfg = dataclasses.replace(base, **variant)
+  grad = lambda c: jax.value_and_grad(lambda p: steps.lm_loss_fn(c)(p, batch, None)[0])(LPARAMS)
+  _close(grad(cfg), grad(base))
+
+
+def test_auto_defaults_resolve_per_backend():
+  cfg = gpt.preset("nano")
+  assert cfg.remat == "auto" and cfg.scan_layers is None
+  on_cpu = jax.default_backend() == "cpu"
+  assert cfg.resolved_remat() == ("none" if on_cpu else "dots")
+  assert cfg.resolved_scan_layers() == (not on_cpu)
+  assert dataclasses.replace(cfg, scan_layers=True, remat="full").resolved_scan_layers()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_chunked_cross_entropy_matches_full_logits(family):
+  cfg, params = (CFG, PARAMS) if family == "gpt2" else (LLAMA, LPARAMS)
+  batch = _batch(cfg, 2)
+  full = jax.value_and_grad(lambda p: steps.lm_loss_fn(cfg, chunk_size=0)(p, batch, None)[0])(params)
+  chunked = jax.value_and_grad(lambda p: steps.lm_loss_fn(cfg, chunk_size=5)(p, batch, None)[0])(params)
+  _close(full, chunked)
+
+
+def test_large_vocabularies_use_the_chunked_loss_and_never_form_full_logits():
+  cfg = dataclasses.replace(CFG, vocab_size=steps.CHUNKED_CE_MIN_VOCAB)
+  params = jax.eval_shape(lambda: gpt.init(cfg, jax.random.PRNGKey(0)))
+  batch = jax.eval_shape(lambda: _batch(CFG))
+  fn = jax.grad(lambda p, b: steps.lm_loss_fn(cfg)(p, b, None)[0])
+  hlo = jax.jit(fn).lower(params, batch).as_text()
+  full = f"{B}x{T}x{cfg.vocab_size}xf32"
+  chunk = f"{B}x{min(T, steps.CHUNKED_CE_POSITIONS)}x{cfg.vocab_size}xf32"
+  assert full not in hlo or chunk == full
+  assert chunk in hlo
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_per_layer_cache_equals_stacked_cache_and_uncached(family):
+  cfg, params = (CFG, PARAMS) if family == "gpt2" else (LLAMA, LPARAMS)
+  batch = _batch(cfg, 3)
+  toks, attn = batch["tokens"], batch["attention_mask"]
+  full = gpt.logits(params, cfg, toks, attn)
+  s = T + 2
+  pos = gpt.positions_from_mask(attn)
+  cache_mask = jnp.concatenate([attn, jnp.zeros((B, 2), jnp.int32)], 1)
+  outs = {}
+  for name, (p, cache) in {"stacked": (params, gpt.init_cache(cfg, B, s)),
+                           "per_layer": (gpt.unstack_blocks(params),
+                                         gpt.unstack_cache(gpt.init_cache(cfg, B, s)))}.items():
+    # Prefill 8 tokens, then feed the remaining 4 one at a time.
+    h, cache = gpt.forward(p, cfg, toks[:, :8], cache_mask, pos[:, :8], cache, 0)
+    hs = [h]
+    for i in range(8, T):
+      h, cache = gpt.forward(p, cfg, toks[:, i:i + 1], cache_mask, pos[:, i:i + 1], cache, i)
+      hs.append(h)
+    outs[name] = (gpt.unembed(params, cfg, jnp.concatenate(hs, 1)), gpt.stack_cache(cache))
+  real = np.asarray(attn) > 0
+  for logits, _ in outs.values():
+    np.testing.assert_allclose(np.asarray(logits)[real], np.asarray(full)[real], atol=2e-5)
+  _close(outs["stacked"][1], outs["per_layer"][1], 1e-6)
+  assert outs["stacked"][1]["k"].shape == (cfg.n_layer, B, cfg.kv_heads, s, cfg.d_head)
