@@ -18,6 +18,7 @@ stage's own pretraining workdir, when there is one).
 import ml_collections as mlc
 
 from rlhf_jax import config as rcfg
+from rlhf_jax.model import lora
 from rlhf_jax.recipes import data as data_lib
 from rlhf_jax.recipes import ppo
 from rlhf_jax.train import ppo as ppo_lib
@@ -56,6 +57,9 @@ def get_config():
   c.value_optim = rcfg.optim(lr=1e-4, warmup_steps=20, weight_decay=0.0, schedule="linear", grad_clip=1.0)
   c.loop = rcfg.loop(num_steps=100, log_every=5, eval_every=10, ckpt_every=25)
   c.mesh = rcfg.mesh()
+  # rank > 0: LoRA adapters on the policy and the value model (+ its head); the reference is the
+  # policy's base and the scorer the value model's base (adapters off), not second copies.
+  c.lora = lora.config()
   return c
 
 

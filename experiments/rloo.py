@@ -16,6 +16,7 @@ value model. init_from / ref_from / rm_from / ptx_from / data / reward mean what
 import ml_collections as mlc
 
 from rlhf_jax import config as rcfg
+from rlhf_jax.model import lora
 from rlhf_jax.recipes import data as data_lib
 from rlhf_jax.recipes import rloo
 from rlhf_jax.train import group_rl
@@ -52,6 +53,7 @@ def get_config():
   c.optim = rcfg.optim(lr=3e-5, warmup_steps=20, weight_decay=0.0, schedule="linear", grad_clip=1.0)
   c.loop = rcfg.loop(num_steps=100, log_every=5, eval_every=10, ckpt_every=25)
   c.mesh = rcfg.mesh()
+  c.lora = lora.config()       # rank > 0: LoRA adapters on the policy; the reference is its base
   return c
 
 

@@ -17,6 +17,7 @@ baseline, and the bias that makes demonstrations (the best-ranked responses) sco
 import ml_collections as mlc
 
 from rlhf_jax import config as rcfg
+from rlhf_jax.model import lora
 from rlhf_jax.recipes import data as data_lib
 from rlhf_jax.recipes import rm
 
@@ -45,6 +46,7 @@ def get_config():
   c.loop = rcfg.loop(num_steps=-1, log_every=10, eval_every=20, ckpt_every=100)
   c.mesh = rcfg.mesh()
   c.n_norm_demos = 512
+  c.lora = lora.config()        # rank > 0: LoRA adapters on the trunk, the head in full
   return c
 
 

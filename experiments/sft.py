@@ -17,6 +17,7 @@ demonstrations; `epochs` is swept 1 / 4 / 16.
 import ml_collections as mlc
 
 from rlhf_jax import config as rcfg
+from rlhf_jax.model import lora
 from rlhf_jax.recipes import data as data_lib
 from rlhf_jax.recipes import sft
 
@@ -42,6 +43,7 @@ def get_config():
   c.optim = rcfg.optim(lr=5e-4, warmup_steps=20, weight_decay=0.0, schedule="cosine")
   c.loop = rcfg.loop(num_steps=-1, log_every=20, ckpt_every=100)  # -1: epochs x records / batch
   c.mesh = rcfg.mesh()
+  c.lora = lora.config()    # rank > 0: train LoRA adapters only (merged into the stage's weights)
   return c
 
 

@@ -20,6 +20,7 @@ import os
 import numpy as np
 
 from rlhf_jax.data import synthetic
+from rlhf_jax.model import lora
 from rlhf_jax.recipes import ppo, rm as rm_lib
 from rlhf_jax.train import stages
 
@@ -60,12 +61,14 @@ def update_reward_model(config, workdir: str, policy_dir: str, rm_dir: str, old:
   state, fit = rm_lib.fit_reward_model(rm_cfg, workdir, reward.config, reward.tok, train, eval_records,
                                        params=reward.params, k_max=_k(train), eval_k_max=_k(eval_records))
   demos = [(d["messages"], d["response"]) for d in synthetic.demonstrations(int(rm_cfg.n_norm_demos), seed=rm_cfg.seed)]
-  offset, demo_std = rm_lib.demonstration_offset(state["params"], reward.config, reward.tok, demos, rm_cfg.max_len)
+  offset, demo_std = rm_lib.demonstration_offset(lora.merged(state["params"]), reward.config, reward.tok, demos,
+                                                 rm_cfg.max_len)
   result = {"eval_pairwise_accuracy": fit["eval_pairwise_accuracy"], "eval_loss": fit["eval_loss"],
             "train_loss": fit["train_loss"], "steps": fit["steps"], "new_comparisons": len(new),
             "replayed_comparisons": n_old, "reward_offset": offset, "demo_score_std": demo_std}
   stages.write_stage(workdir, "rm", reward.config, reward.tok, init_from=rm_dir, reward_offset=offset,
-                     data={"source": f"gold-labelled samples of {os.path.abspath(policy_dir)}"}, result=result)
+                     data={"source": f"gold-labelled samples of {os.path.abspath(policy_dir)}"}, result=result,
+                     **lora.stage_info(rm_cfg.get("lora")))
   return new, result
 
 

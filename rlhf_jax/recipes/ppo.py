@@ -21,7 +21,7 @@ import numpy as np
 
 from rlhf_jax.data import gold, pipeline
 from rlhf_jax.eval import ppo_monitor
-from rlhf_jax.model import heads
+from rlhf_jax.model import heads, lora
 from rlhf_jax.recipes import data as data_lib
 from rlhf_jax.train import rl, rollout, stages
 
@@ -121,14 +121,19 @@ def result(last: dict, inputs: RLInputs, keys=RESULT_KEYS) -> dict:
 
 
 def run(config, workdir: str) -> dict:
-  """PPO(-ptx): the keys of `setup`, plus ppo, optim, value_optim, loop, mesh. Returns final metrics."""
+  """PPO(-ptx): the keys of `setup`, plus ppo, optim, value_optim, loop, mesh, lora (optional: rank > 0
+  trains LoRA adapters on the policy and the value model; the reference and the scorer are then their
+  bases, not copies). Returns final metrics."""
   s = setup(config, workdir, config.ppo)
   cfg, tok = s.policy.config, s.policy.tok
   stages.write_stage(workdir, "ppo", cfg, tok, init_from=config.init_from, ref_from=config.get("ref_from", ""),
                      rm_from=config.rm_from, ptx_from=s.ptx_spec, ptx_coef=float(config.ppo.ptx_coef),
-                     reward=config.reward, data=s.report)
+                     reward=config.reward, data=s.report, **lora.stage_info(config.get("lora")))
+  # None: the reference is the starting policy and the scorer the value model's start (the RM); with
+  # LoRA they are then the bases of the trained models (no second copy), else frozen copies.
   _, last, _ = rl.fit_rl(config, workdir, policy_cfg=cfg, value_cfg=s.rm.config, policy_params=s.policy.params,
-                         ref_params=s.ref.params, value_params=s.rm_params, score_params=s.rm_params,
+                         ref_params=None if s.ref is s.policy else s.ref.params, value_params=s.rm_params,
+                         score_params=None if config.reward == "rm" else {},
                          score_fn=score_fn(config.reward, s.rm.config, tok), prompt_batches=s.prompts,
                          ptx_batches=s.ptx, eos_id=tok.eos_id, pad_id=tok.pad_id, eval_fn=s.monitor)
   out = result(last, s)

@@ -11,6 +11,7 @@ Writes stage "rloo" or "grpo".
 """
 from __future__ import annotations
 
+from rlhf_jax.model import lora
 from rlhf_jax.recipes import ppo
 from rlhf_jax.train import rl, stages
 
@@ -39,9 +40,10 @@ def run(config, workdir: str) -> dict:
   stages.write_stage(workdir, config.algo, cfg, tok, init_from=config.init_from, ref_from=config.get("ref_from", ""),
                      rm_from=config.rm_from, ptx_from=s.ptx_spec, ptx_coef=float(config.pg.ptx_coef),
                      reward=config.reward, kl_mode=config.pg.kl_mode, group_size=int(config.pg.group_size),
-                     data=s.report)
+                     data=s.report, **lora.stage_info(config.get("lora")))
   _, last, _ = rl.fit_group_rl(config, workdir, policy_cfg=cfg, policy_params=s.policy.params,
-                               ref_params=s.ref.params, score_params=s.rm_params if use_rm else {},
+                               ref_params=None if s.ref is s.policy else s.ref.params,
+                               score_params=s.rm_params if use_rm else {},
                                score_cfg=s.rm.config if use_rm else None,
                                score_fn=ppo.score_fn(config.reward, s.rm.config, tok), prompt_batches=s.prompts,
                                ptx_batches=s.ptx, eos_id=tok.eos_id, pad_id=tok.pad_id, eval_fn=s.monitor,

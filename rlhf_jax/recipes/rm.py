@@ -21,7 +21,7 @@ import numpy as np
 
 from rlhf_jax import generation
 from rlhf_jax.data import pipeline, synthetic
-from rlhf_jax.model import heads
+from rlhf_jax.model import heads, lora
 from rlhf_jax.recipes import data as data_lib
 from rlhf_jax.train import rm_data, stages, steps, supervised
 
@@ -78,6 +78,8 @@ def fit_reward_model(config, run_dir: str, cfg, tok, train_records, eval_records
   seed override them (num_steps < 0 or None with loop.num_steps < 0: `epochs` passes).
   params: starting scalar-model params ({"gpt", "head"}). eval_k_max: slots of the held-out
   batches (default k_max), so a model trained on pairs is scored on the same K-way eval pairs.
+  With config.lora.rank > 0 the trunk trains LoRA adapters and the head in full (state["params"]
+  is then the training tree: `lora.merged` gives the RM).
   Checkpoints and metrics go to run_dir. Returns (state, result dict).
   """
   sub = config.copy_and_resolve_references()
@@ -120,7 +122,8 @@ def _best_responses(records, n: int) -> list[tuple[list, str]]:
 
 def run(config, workdir: str) -> dict:
   """Config keys: init_from, dropout, data, label (synthetic), max_prompt_len, max_len, k_max, epochs,
-  batch_size, n_norm_demos, optim, loop, mesh, seed. Returns the result dict (also in stage.json)."""
+  batch_size, n_norm_demos, optim, loop, mesh, seed, lora (optional). Returns the result dict (also
+  in stage.json)."""
   init = stages.load_model(config.init_from, expect=("sft", "pretrain", "hf"), dropout=config.dropout)
   cfg, tok = init.config, init.tok
   if config.data.train == "synthetic":
@@ -138,7 +141,7 @@ def run(config, workdir: str) -> dict:
     demos = _best_responses(train_recs, int(config.n_norm_demos))
   rm_params = heads.from_lm(init.params, cfg, jax.random.PRNGKey(config.seed + 7))
   state, fit = fit_reward_model(config, workdir, cfg, tok, train_recs, eval_recs, params=rm_params, k_max=k_max)
-  offset, demo_std = demonstration_offset(state["params"], cfg, tok, demos, config.max_len)
+  offset, demo_std = demonstration_offset(lora.merged(state["params"]), cfg, tok, demos, config.max_len)
   result = {"eval_pairwise_accuracy": fit["eval_pairwise_accuracy"], "eval_loss": fit["eval_loss"],
             "eval_pairs": fit["eval_pairs"], "length_baseline_eval": rm_data.length_baseline(eval_recs)["accuracy"],
             "train_loss": fit["train_loss"], "reward_offset": offset, "demo_score_std": demo_std,
@@ -146,6 +149,6 @@ def run(config, workdir: str) -> dict:
             "steps": fit["steps"], "skipped_train": fit["train_pipeline"]["skipped"],
             "truncated_train": fit["train_pipeline"]["truncated"]}
   stages.write_stage(workdir, "rm", cfg, tok, init_from=config.init_from, reward_offset=offset, data=report,
-                     result=result)
+                     result=result, **lora.stage_info(config.get("lora")))
   print({k: v for k, v in result.items() if not isinstance(v, dict)})
   return result

@@ -8,14 +8,15 @@ demonstrations from `config.data` (`recipes.data.stage_records`), and trains thr
 from __future__ import annotations
 
 from rlhf_jax.data import pipeline
-from rlhf_jax.model import gpt
+from rlhf_jax.model import gpt, lora
 from rlhf_jax.recipes import data as data_lib
 from rlhf_jax.train import stages, steps, supervised
 
 
 def run(config, workdir: str) -> dict:
   """Config keys: init_from, dropout, data (see recipes.data), max_len, epochs, batch_size,
-  history_loss, optim, loop (num_steps -1 = epochs), mesh, seed. Returns the final metrics."""
+  history_loss, optim, loop (num_steps -1 = epochs), mesh, seed, lora (optional; rank 0 = full
+  fine-tuning). Returns the final metrics."""
   init = stages.load_model(config.init_from, expect=("pretrain", "sft", "hf"), dropout=config.dropout)
   cfg, tok = init.config, init.tok
   train_recs, eval_recs, report = data_lib.stage_records(config.data, "demonstrations", workdir)
@@ -25,7 +26,7 @@ def run(config, workdir: str) -> dict:
   evals = pipeline.sft_eval_batches(eval_recs, tok, config.batch_size, config.max_len, history_loss=history)
   num_steps = supervised.resolve_steps(config, batches.stats.kept)
   stages.write_stage(workdir, "sft", cfg, tok, init_from=config.init_from, epochs=config.epochs,
-                     data=report, train_stats=batches.stats.as_dict())
+                     data=report, train_stats=batches.stats.as_dict(), **lora.stage_info(config.get("lora")))
   _, last, _ = supervised.fit(
       config, workdir, loss_fn=steps.lm_loss_fn(cfg), param_axes=gpt.param_axes(cfg), params=init.params,
       host_batches=batches, eval_weight_key="num_tokens", name="sft", eval_batches=evals)

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from rlhf_jax.model import lora
+
 
 def _shapes(tree) -> dict[str, list[int]]:
   out = {}
@@ -124,6 +126,7 @@ def saved_steps(directory: str) -> list[int]:
 def load_params(directory: str, abstract_params=None, step: int | None = None):
   """Reads only the params of a stage's checkpoint (e.g. SFT params to initialise the RM).
 
+  A LoRA stage's params (the training tree {"base", "lora", "scale"}) come back merged: the model.
   abstract_params: optional pytree of ShapeDtypeStructs (with shardings) to restore into.
   """
   ckpt = Checkpointer(directory, async_save=False)
@@ -133,7 +136,7 @@ def load_params(directory: str, abstract_params=None, step: int | None = None):
       raise ValueError(f"no checkpoint found in {os.path.abspath(directory)}")
     item = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     # A supervised stage's state has "params"; an RL state keeps the trained policy under "policy".
-    params = item["params"] if "params" in item else item["policy"]["params"]
+    params = lora.merged(item["params"] if "params" in item else item["policy"]["params"])
     if abstract_params is not None:
       want, have = _shapes(abstract_params), _shapes(params)
       if want != have:

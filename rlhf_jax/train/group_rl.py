@@ -3,6 +3,8 @@
 RL state (a plain dict pytree, created directly sharded by `create_group_state`):
   {"step": int32 [], "rng": uint32 [2], "policy": {"params", "opt_state"},
    "ref": params (frozen SFT LM), "score": params (frozen reward model; {} for a host scorer)}
+With LoRA the policy's params are its training tree and a state without "ref" reads the policy's
+base (adapters off), as in `train/ppo.py`.
 
 `make_group_step(...)` returns `step(state, batch) -> (state, metrics)` for the shared loop. One
 call is one iteration, with no host round trip:
@@ -34,6 +36,7 @@ import ml_collections as mlc
 
 from rlhf_jax import parallel
 from rlhf_jax.losses import policy_gradient as pg_losses
+from rlhf_jax.model import lora
 from rlhf_jax.model.config import GPTConfig
 from rlhf_jax.train import ppo, rollout as rollout_lib, state as state_lib
 
@@ -165,9 +168,10 @@ def create_group_state(policy_params, ref_params, score_params, policy_opt, mesh
   missing = [m for m in MODELS if m not in axes]
   if missing:
     raise ValueError(f"{_WHERE}:create_group_state: axes lacks param_axes for {missing} (need {MODELS})")
-  return state_lib.init_rl_state(trained={"policy": (policy_params, policy_opt)},
-                                 frozen={"ref": ref_params, "score": score_params}, axes=axes, mesh=mesh, rng=rng,
-                                 rules=rules)
+  frozen = {"score": score_params, **ppo.shared_frozen({"ref": (ref_params, "policy", policy_params)},
+                                                        "create_group_state")}
+  return state_lib.init_rl_state(trained={"policy": (policy_params, policy_opt)}, frozen=frozen, axes=axes,
+                                 mesh=mesh, rng=rng, rules=rules)
 
 
 def make_group_step(rollout_fn, policy_cfg, policy_opt, pg_cfg):
@@ -194,9 +198,9 @@ def make_group_step(rollout_fn, policy_cfg, policy_opt, pg_cfg):
   if ptx_coef < 0:
     raise ValueError(f"{_WHERE}:make_group_step: ptx_coef must be >= 0, got {ptx_coef}")
   k3_coef = spec.kl_coef if spec.kl_mode == "k3" else 0.0
-  policy_grad = jax.value_and_grad(
+  policy_grad = jax.value_and_grad(lora.loss(
       ppo._policy_loss_fn(GPTConfig.from_dict(policy_cfg), spec.temperature, float(pg_cfg.clip_eps), ptx_coef,
-                          kl_coef=k3_coef), has_aux=True)
+                          kl_coef=k3_coef)), has_aux=True)
   metric_keys = ("policy_loss", "ptx_loss", "entropy", "clip_frac", "approx_kl") + (("ref_kl_k3",) if k3_coef else ())
 
   def step(state, batch):
@@ -213,8 +217,8 @@ def make_group_step(rollout_fn, policy_cfg, policy_opt, pg_cfg):
                        f"num_minibatches={n_mb}")
 
     roll_key, perm_key = jax.random.split(jax.random.fold_in(state["rng"], state["step"]))
-    exp = rollout_fn(state["policy"]["params"], state["ref"], state["score"], batch["prompt_tokens"],
-                     batch["prompt_mask"], roll_key)
+    exp = rollout_fn(lora.merged(state["policy"]["params"]), lora.frozen_or_base(state, "ref", "policy"),
+                     state["score"], batch["prompt_tokens"], batch["prompt_mask"], roll_key)
     data = {k: exp[k] for k in _MB_KEYS}
 
     def minibatch(pol, xs):

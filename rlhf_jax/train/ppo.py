@@ -5,6 +5,10 @@ RL state (a plain dict pytree, created directly sharded by `create_rl_state`):
    "policy": {"params", "opt_state"}, "value": {"params", "opt_state"},
    "ref": params (frozen SFT LM), "score": params (frozen reward model; may be {}),
    "rng": uint32 [2], "kl_beta": float32 []}
+With LoRA (`model/lora.py`) a trained model's params are its training tree {"base", "lora", "scale"}
+(losses merge inside the trace, the rollout samples the merged policy), and a state without "ref" /
+"score" reads the policy's / value model's base instead (adapters off: the SFT policy and the RM
+themselves, the same arrays, no second copy).
 
 `make_rl_step(...)` returns `step(state, batch) -> (state, metrics)` for the shared
 loop (jit it with `state_lib.jit_step(step, shardings, mesh)`). One call is one PPO
@@ -37,10 +41,9 @@ import optax
 from rlhf_jax import parallel
 from rlhf_jax.losses import policy_gradient as pg_losses
 from rlhf_jax.losses import ppo as ppo_losses
-from rlhf_jax.losses.lm import lm_loss
-from rlhf_jax.model import gpt, heads
+from rlhf_jax.model import gpt, heads, lora
 from rlhf_jax.model.config import GPTConfig
-from rlhf_jax.train import state as state_lib
+from rlhf_jax.train import state as state_lib, steps
 
 _WHERE = "rlhf_jax/train/ppo.py"
 MODELS = ("policy", "value", "ref", "score")
@@ -87,6 +90,8 @@ def create_rl_state(policy_params, value_params, ref_params, score_params, polic
 
   axes: {"policy", "value", "ref", "score"} -> param_axes tree of that model (same
   logical rules for all four; Adam moments follow their parameters).
+  ref_params / score_params None: the state holds no such frozen model and the step reads the base of
+  the policy / value model, which must then be a LoRA training tree (`lora.frozen_or_base`).
   rng: PRNG key (typed or raw uint32[2]). init_beta: initial KL coefficient.
   Returns (state, state_shardings).
   """
@@ -96,10 +101,22 @@ def create_rl_state(policy_params, value_params, ref_params, score_params, polic
   if float(init_beta) < 0:
     raise ValueError(f"{_WHERE}:create_rl_state: init_beta must be >= 0, got {init_beta}")
 
+  frozen = shared_frozen({"ref": (ref_params, "policy", policy_params), "score": (score_params, "value", value_params)},
+                         "create_rl_state")
   return state_lib.init_rl_state(
       trained={"policy": (policy_params, policy_opt), "value": (value_params, value_opt)},
-      frozen={"ref": ref_params, "score": score_params}, axes=axes, mesh=mesh, rng=rng,
+      frozen=frozen, axes=axes, mesh=mesh, rng=rng,
       scalars={"kl_beta": jnp.asarray(init_beta, jnp.float32)}, rules=rules)
+
+
+def shared_frozen(models: dict, where: str) -> dict:
+  """{name: params} of the frozen models a state holds. models: {name: (params or None, owner name,
+  owner params)}; None = the owner's LoRA base (not held), refused when the owner is not LoRA."""
+  for name, (params, owner, owner_params) in models.items():
+    if params is None and not lora.is_lora(owner_params):
+      raise ValueError(f"{_WHERE}:{where}: {name}_params=None (the {owner}'s base) needs a LoRA {owner} "
+                       "(a training tree {'base', 'lora', 'scale'}); pass the frozen params instead")
+  return {name: params for name, (params, _, _) in models.items() if params is not None}
 
 
 # ----------------------------------------------------------------------------- losses
@@ -125,8 +142,8 @@ def _policy_loss_fn(policy_cfg: GPTConfig, temperature: float, clip_eps: float, 
     metrics["entropy"] = ppo_losses.entropy_from_logits(jax.lax.stop_gradient(logits), resp_mask)
     total = pl
     if ptx_coef > 0:  # static: with 0 the pretraining forward is never traced
-      ptx_logits = gpt.logits(params, policy_cfg, ptx["ptx_tokens"], ptx.get("ptx_attention_mask"))
-      ptx_loss, _ = lm_loss(ptx_logits, ptx["ptx_targets"], ptx["ptx_mask"])
+      ptx_loss, _ = steps.model_lm_loss(params, policy_cfg, ptx["ptx_tokens"], ptx["ptx_targets"], ptx["ptx_mask"],
+                                        ptx.get("ptx_attention_mask"))
       total = total + ptx_coef * ptx_loss
     else:
       ptx_loss = jnp.zeros((), jnp.float32)
@@ -203,9 +220,9 @@ def make_rl_step(rollout_fn, policy_cfg, value_cfg, policy_opt, value_opt, ppo_c
   value_warmup = int(ppo_cfg.get("value_warmup_iters", 0))
   kl_target, kl_horizon = float(ppo_cfg.kl_target), float(ppo_cfg.kl_horizon)
   policy_grad = jax.value_and_grad(
-      _policy_loss_fn(p_cfg, spec.temperature, float(ppo_cfg.clip_eps), ptx_coef), has_aux=True)
+      lora.loss(_policy_loss_fn(p_cfg, spec.temperature, float(ppo_cfg.clip_eps), ptx_coef)), has_aux=True)
   value_grad = jax.value_and_grad(
-      _value_loss_fn(v_cfg, float(ppo_cfg.value_clip_eps), float(ppo_cfg.vf_coef)), has_aux=True)
+      lora.loss(_value_loss_fn(v_cfg, float(ppo_cfg.value_clip_eps), float(ppo_cfg.vf_coef))), has_aux=True)
 
   def step(state, batch):
     for k in ("prompt_tokens", "prompt_mask") + (_PTX_KEYS if ptx_coef > 0 else ()):
@@ -222,7 +239,8 @@ def make_rl_step(rollout_fn, policy_cfg, value_cfg, policy_opt, value_opt, ppo_c
     key = jax.random.fold_in(state["rng"], state["step"])
     roll_key, perm_key = jax.random.split(key)
     beta = state["kl_beta"]
-    exp = rollout_fn(state["policy"]["params"], state["value"]["params"], state["ref"], state["score"],
+    exp = rollout_fn(lora.merged(state["policy"]["params"]), lora.merged(state["value"]["params"]),
+                     lora.frozen_or_base(state, "ref", "policy"), lora.frozen_or_base(state, "score", "value"),
                      batch["prompt_tokens"], batch["prompt_mask"], roll_key, beta)
     data = {k: exp[k] for k in _MB_KEYS}
 

@@ -16,11 +16,12 @@ import jax
 
 from rlhf_jax import parallel
 from rlhf_jax.data import pipeline
-from rlhf_jax.model import gpt, heads
+from rlhf_jax.model import gpt, heads, lora
 from rlhf_jax.train import group_rl, loop, ppo, rollout, state as state_lib
 
 PROMPT_KEYS = {"tokens": "prompt_tokens", "attention_mask": "prompt_mask"}
 PTX_KEYS = {"tokens": "ptx_tokens", "targets": "ptx_targets", "mask": "ptx_mask"}
+LORA_SEED = 0x10A  # folded into the seed for the adapters' init (policy; value + 1)
 
 
 def _fit(config, workdir: str, *, section, optims: tuple[str, ...], build: Callable, prompt_batches, ptx_batches,
@@ -45,7 +46,7 @@ def _fit(config, workdir: str, *, section, optims: tuple[str, ...], build: Calla
   batches = parallel.ShardedBatches(pipeline.ZipBatches(**members), mesh)
   loop_cfg = loop.LoopConfig.from_config(config.loop, name=name)
   state, last = loop.run(state, step, batches, loop_cfg, workdir,
-                         eval_fn=None if eval_fn is None else (lambda s: eval_fn(s["policy"]["params"])),
+                         eval_fn=None if eval_fn is None else (lambda s: eval_fn(lora.merged(s["policy"]["params"]))),
                          hooks=hooks)
   return state, last, mesh
 
@@ -53,10 +54,16 @@ def _fit(config, workdir: str, *, section, optims: tuple[str, ...], build: Calla
 def fit_rl(config, workdir: str, *, policy_cfg, value_cfg, policy_params, ref_params, value_params,
            score_params, score_fn: rollout.ScoreFn, prompt_batches, ptx_batches=None, eos_id: int,
            pad_id: int, eval_fn: Callable | None = None, name: str = "ppo", hooks=()):
-  """PPO(-ptx) with config sections `mesh`, `optim` (policy), `value_optim`, `ppo`, `loop`, `batch_size`, `seed`.
+  """PPO(-ptx) with config sections `mesh`, `optim` (policy), `value_optim`, `ppo`, `loop`, `batch_size`, `seed`
+  and optionally `lora`.
 
   policy_cfg: the policy's and reference's GPTConfig; value_cfg: the value model's and scorer's.
-  score_params: frozen scorer params handed to score_fn (the RM; may be {} for a host scorer).
+  ref_params: the frozen reference; None = the policy's starting params.
+  score_params: frozen scorer params handed to score_fn (the RM; may be {} for a host scorer);
+    None = the value model's starting params (InstructGPT: both are the RM).
+  LoRA (`config.lora.rank` > 0): policy and value model train adapters only (the value model its
+    head too); a None reference / scorer is then the policy's / value model's base, adapters off:
+    the same arrays, no second copy in the state. eval_fn gets the merged policy.
   prompt_batches: host iterator of {"tokens","attention_mask"} int32 [B,Tp] (left padded), as
     `pipeline.prompt_batches` yields; ptx_batches: {"tokens","targets","mask"} [Bp,T] rows, read
     only when config.ppo.ptx_coef > 0.
@@ -65,10 +72,18 @@ def fit_rl(config, workdir: str, *, policy_cfg, value_cfg, policy_params, ref_pa
   Returns (final state, last metrics, mesh).
   """
   def build(mesh, policy_opt, value_opt):
-    axes = {"policy": gpt.param_axes(policy_cfg), "ref": gpt.param_axes(policy_cfg),
-            "value": heads.param_axes(value_cfg), "score": heads.param_axes(value_cfg) if score_params else {}}
-    state, shardings = ppo.create_rl_state(policy_params, value_params, ref_params, score_params, policy_opt,
-                                           value_opt, mesh, axes, jax.random.PRNGKey(int(config.seed)),
+    rng = jax.random.PRNGKey(int(config.seed))
+    ref, score, section = ref_params, score_params, config.get("lora")
+    if lora.from_config(section) is None:   # full fine-tuning: frozen copies
+      ref = policy_params if ref is None else ref
+      score = value_params if score is None else score
+    policy, policy_axes, policy_opt = lora.setup(section, policy_params, gpt.param_axes(policy_cfg), policy_opt,
+                                                 jax.random.fold_in(rng, LORA_SEED))
+    value, value_axes, value_opt = lora.setup(section, value_params, heads.param_axes(value_cfg), value_opt,
+                                              jax.random.fold_in(rng, LORA_SEED + 1))
+    axes = {"policy": policy_axes, "ref": gpt.param_axes(policy_cfg), "value": value_axes,
+            "score": heads.param_axes(value_cfg) if score else {}}
+    state, shardings = ppo.create_rl_state(policy, value, ref, score, policy_opt, value_opt, mesh, axes, rng,
                                            float(config.ppo.init_kl_beta))
     rollout_fn = rollout.make_rollout_from_config(policy_cfg, value_cfg, policy_cfg, score_fn, config.ppo,
                                                   eos_id=eos_id, pad_id=pad_id)
@@ -85,17 +100,23 @@ def fit_group_rl(config, workdir: str, *, policy_cfg, policy_params, ref_params,
   `batch_size` (prompts per iteration; each is sampled pg.group_size times), `seed`.
 
   score_cfg: the scorer's GPTConfig for its param_axes (None when score_params is {}, e.g. the gold
-  labeler as a host scorer). No value model is created. Other arguments as in `fit_rl`.
+  labeler as a host scorer). No value model is created. ref_params None = the policy's starting
+  params (with LoRA: its base). Other arguments as in `fit_rl`.
   Returns (final state, last metrics, mesh).
   """
   if score_params and score_cfg is None:
     raise ValueError(f"{name}: score_params given without score_cfg (needed for their sharding)")
 
   def build(mesh, policy_opt):
-    axes = {"policy": gpt.param_axes(policy_cfg), "ref": gpt.param_axes(policy_cfg),
+    rng = jax.random.PRNGKey(int(config.seed))
+    ref, section = ref_params, config.get("lora")
+    if lora.from_config(section) is None and ref is None:
+      ref = policy_params
+    policy, policy_axes, policy_opt = lora.setup(section, policy_params, gpt.param_axes(policy_cfg), policy_opt,
+                                                 jax.random.fold_in(rng, LORA_SEED))
+    axes = {"policy": policy_axes, "ref": gpt.param_axes(policy_cfg),
             "score": heads.param_axes(score_cfg) if score_params else {}}
-    state, shardings = group_rl.create_group_state(policy_params, ref_params, score_params, policy_opt, mesh, axes,
-                                                   jax.random.PRNGKey(int(config.seed)))
+    state, shardings = group_rl.create_group_state(policy, ref, score_params, policy_opt, mesh, axes, rng)
     rollout_fn = group_rl.make_group_rollout_from_config(policy_cfg, policy_cfg, score_fn, config.pg, eos_id=eos_id,
                                                          pad_id=pad_id)
     return state, shardings, group_rl.make_group_step(rollout_fn, policy_cfg, policy_opt, config.pg)

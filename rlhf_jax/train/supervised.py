@@ -15,8 +15,11 @@ import numpy as np
 
 from rlhf_jax import parallel
 from rlhf_jax.data import pipeline
-from rlhf_jax.model import gpt
+from rlhf_jax.model import gpt, lora
 from rlhf_jax.train import loop, state as state_lib, steps
+
+
+LORA_SEED = 0x10A  # folded into the seed for the adapters' init (the train rng stays the seed's)
 
 
 def evaluate(eval_step, params, batches: Sequence, mesh, weight_key: str | None = None) -> dict[str, float]:
@@ -56,6 +59,9 @@ def fit(config, workdir: str, *, loss_fn: Callable, param_axes, host_batches,
   eval_batches: host batches for held-out metrics; extra_eval(params) -> dict adds more.
   With config.loop.num_steps < 0 the run is `config.epochs` passes over the records the
   iterator kept (`host_batches.stats.kept`; see `resolve_steps`).
+  LoRA (`config.lora.rank` > 0, `model.lora`): only adapters on `params` are trained; the state's
+  params are then the training tree {"base", "lora", "scale"} (`lora.merged` gives the model;
+  extra_eval receives it merged).
   Returns (final state, last metrics, mesh).
   """
   if int(config.loop.num_steps) < 0:
@@ -64,6 +70,12 @@ def fit(config, workdir: str, *, loss_fn: Callable, param_axes, host_batches,
   parallel.check_batch_divisible(int(config.batch_size), mesh)
   optimizer = state_lib.make_optimizer(config.optim)
   rng = jax.random.PRNGKey(int(config.seed))
+  loss_fn = lora.loss(loss_fn)
+  if lora.from_config(config.get("lora")) is not None:
+    if params is None:
+      raise ValueError(f"{name}: LoRA (lora.rank={config.lora.rank}) adapts starting params; got only an init_fn")
+    params, param_axes, optimizer = lora.setup(config.lora, params, param_axes, optimizer,
+                                               jax.random.fold_in(rng, LORA_SEED))
   if params is not None:
     state, shardings = state_lib.state_from_params(params, optimizer, mesh, param_axes, rng)
   else:
@@ -76,7 +88,7 @@ def fit(config, workdir: str, *, loss_fn: Callable, param_axes, host_batches,
   def eval_fn(state):
     out = evaluate(eval_step, state["params"], eval_sharded, mesh, eval_weight_key)
     if extra_eval is not None:
-      out.update(extra_eval(state["params"]))
+      out.update(extra_eval(lora.merged(state["params"])))
     return out
 
   has_eval = bool(eval_sharded) or extra_eval is not None
