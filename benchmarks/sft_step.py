@@ -83,12 +83,13 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq", type=int, default=128)
   p.add_argument("--dtype", default="float32", help="our compute dtype (the torch side stays float32)")
-  p.add_argument("--remat", default="none")
-  p.add_argument("--scan_layers", type=int, default=1, help="1: lax.scan over blocks (default), 0: unrolled")
+  p.add_argument("--remat", default="auto", help="auto (per backend: none on CPU, dots elsewhere) | none | dots | full")
+  p.add_argument("--scan_layers", type=int, default=-1,
+                 help="-1: per backend (unrolled on CPU, scanned elsewhere), 1: lax.scan over blocks, 0: unrolled")
   common.add_common_flags(p, repeats=7)
   args = p.parse_args(argv)
   cfg = gpt.preset(args.preset, dropout=0.0, dtype=args.dtype, remat=args.remat,
-                   scan_layers=bool(args.scan_layers))
+                   scan_layers=None if args.scan_layers < 0 else bool(args.scan_layers))
   batch = sft_batch(cfg, args.batch, args.seq, args.seed)
   ours, params0 = make_ours(cfg, batch, args.seed)
   theirs, _ = make_torch(cfg, params0, batch)
@@ -109,7 +110,7 @@ def main(argv=None):
   common.print_table(rows, ["impl", "median_step_s", "cpu_step_s", "min_step_s", "tokens_per_s", "model_tflops",
                             "mfu", "compile_s", "first_loss"],
                      f"SFT step: {args.preset} ({cfg.num_params() / 1e6:.2f}M params), batch {args.batch} x "
-                     f"seq {args.seq}, {args.dtype}, remat={args.remat}, scan_layers={args.scan_layers}, "
+                     f"seq {args.seq}, {args.dtype}, remat={cfg.resolved_remat()}, scan_layers={cfg.resolved_scan_layers()}, "
                      f"threads={args.threads or 'all'}")
   print(common.verdict_line(verdict, "SFT step"))
   print(f"peak device memory: {common.fmt(common.peak_memory_bytes())}")

@@ -141,7 +141,7 @@ def filter_logits(logits, top_k: int, top_p: float):
   """Top-k then top-p (nucleus) filtering.
 
   logits: float32 [..., V], already temperature-scaled. Returns the same shape
-  with filtered-out entries set to -inf (so `jax.random.categorical` renormalises
+  with filtered-out entries set to -inf (so `categorical` renormalises
   over the survivors). Ties at a threshold are kept.
   """
   v = logits.shape[-1]
@@ -161,6 +161,21 @@ def filter_logits(logits, top_k: int, top_p: float):
   return jnp.where(logits >= thresh, logits, -jnp.inf)
 
 
+def categorical(key, logits):
+  """One draw per row from softmax(logits) (logits float32 [B,V], -inf = excluded) -> int32 [B].
+
+  Inverse-CDF sampling: one uniform per row against the cumulative probabilities, instead of
+  `jax.random.categorical`'s V Gumbel draws per row (on CPU the V random numbers per decode step
+  cost more than the model's matmuls at small sizes). Exact up to float rounding of the cumsum;
+  excluded tokens (probability 0) are never drawn.
+  """
+  probs = jax.nn.softmax(logits, axis=-1)
+  cdf = jnp.cumsum(probs, axis=-1)
+  u = jax.random.uniform(key, logits.shape[:-1] + (1,), jnp.float32, minval=jnp.finfo(jnp.float32).tiny)
+  tok = jnp.sum(cdf < u * cdf[..., -1:], axis=-1)
+  return jnp.minimum(tok, logits.shape[-1] - 1).astype(jnp.int32)
+
+
 def _sample(logits, temperature, key, spec: SamplingSpec):
   """logits float32 [B,V] -> (tokens int32 [B], log-probs float32 [B] under log_softmax(logits/T))."""
   scaled = logits / temperature
@@ -168,7 +183,7 @@ def _sample(logits, temperature, key, spec: SamplingSpec):
   if spec.greedy:
     tok = jnp.argmax(logits, axis=-1)
   else:
-    tok = jax.random.categorical(key, filter_logits(scaled, spec.top_k, spec.top_p), axis=-1)
+    tok = categorical(key, filter_logits(scaled, spec.top_k, spec.top_p))
   tok = tok.astype(jnp.int32)
   return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
 
@@ -193,7 +208,7 @@ def _prefill(params, cfg: GPTConfig, prompt_tokens, prompt_mask, rng, temperatur
   b, tp = prompt_tokens.shape
   n = max_new_tokens
   prompt_mask = prompt_mask.astype(jnp.int32)
-  params = gpt.unstack_blocks(params)
+  params = gpt.decode_params(params, cfg)
   cache = gpt.unstack_cache(gpt.init_cache(cfg, b, tp + n - 1))   # one buffer per layer, updated in place
   cache_mask = jnp.concatenate([prompt_mask, jnp.zeros((b, n - 1), jnp.int32)], axis=1)
   hidden, cache = gpt.forward(params, cfg, prompt_tokens.astype(jnp.int32), cache_mask,
@@ -225,7 +240,7 @@ def _decode_step(params, cfg: GPTConfig, state: State, spec: SamplingSpec) -> St
   cache_mask = jax.lax.dynamic_update_slice_in_dim(state["cache_mask"], jnp.ones((b, 1), jnp.int32), slot,
                                                    axis=1)
   positions = (state["prompt_lengths"] + i)[:, None]
-  params = gpt.unstack_blocks(params)   # no-op inside `generate` (split once, before the loop)
+  params = gpt.decode_params(params, cfg)   # no-op inside `generate` (split once, before the loop)
   hidden, cache = gpt.forward(params, cfg, last, cache_mask, positions, state["cache"], slot)
   logits = gpt.unembed(params, cfg, hidden[:, 0])
   state = {**state, "cache": cache, "cache_mask": cache_mask, "step": i + 1}
@@ -241,7 +256,7 @@ def outputs(state: State) -> dict:
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "spec"))
 def _generate_jit(params, config, prompt_tokens, prompt_mask, rng, temperature, eos_id, pad_id, *,
                   max_new_tokens, spec):
-  params = gpt.unstack_blocks(params)   # weights sliced per layer once, not on every decode step
+  params = gpt.decode_params(params, config)   # weights sliced per layer once, not on every decode step
   state = _prefill(params, config, prompt_tokens, prompt_mask, rng, temperature, eos_id, pad_id,
                    max_new_tokens, spec)
   # Stop when every row has ended: remaining columns already hold pad / 0 / mask 0.
@@ -374,7 +389,7 @@ def _beam_search_jit(params, config, prompt_tokens, prompt_mask, eos_id, pad_id,
   cfg, k, n, alpha = config, beam_width, max_new_tokens, length_penalty
   b, tp = prompt_tokens.shape
   prompt_mask = prompt_mask.astype(jnp.int32)
-  params = gpt.unstack_blocks(params)
+  params = gpt.decode_params(params, cfg)
   cache = gpt.unstack_cache(gpt.init_cache(cfg, b, tp + n - 1))
   cache_mask = jnp.concatenate([prompt_mask, jnp.zeros((b, n - 1), jnp.int32)], axis=1)
   hidden, cache = gpt.forward(params, cfg, prompt_tokens.astype(jnp.int32), cache_mask,

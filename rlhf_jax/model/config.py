@@ -52,7 +52,7 @@ class GPTConfig:
   # Per-backend defaults (`resolved_remat` / `resolved_scan_layers`), measured in benchmarks/RESULTS.md:
   # on CPU no remat and unrolled layers (XLA:CPU's scan backward costs ~20%); on GPU/TPU
   # remat="dots" (keeps matmul outputs, recomputes elementwise ops) and lax.scan (compile time
-  # independent of depth).
+  # independent of depth). Any remat implies lax.scan unless scan_layers says otherwise.
   remat: str = "auto"          # auto | none | full | dots: activation rematerialisation per block
   scan_layers: bool | None = None  # lax.scan over stacked blocks; None = per backend
   # ---- architecture family (defaults: GPT-2)
@@ -106,10 +106,12 @@ class GPTConfig:
     return "none" if jax.default_backend() == "cpu" else "dots"
 
   def resolved_scan_layers(self) -> bool:
-    """scan_layers with None resolved for the default backend: unrolled on CPU, scanned elsewhere."""
+    """scan_layers with None resolved for the default backend: unrolled on CPU, scanned elsewhere,
+    and scanned whenever remat is on (XLA:CPU's plan for unrolled layers keeps every activation
+    whatever the remat policy: benchmarks/memory.py measured no saving, against 74% with scan)."""
     if self.scan_layers is not None:
       return bool(self.scan_layers)
-    return jax.default_backend() != "cpu"
+    return jax.default_backend() != "cpu" or self.resolved_remat() != "none"
 
   @property
   def d_head(self) -> int:

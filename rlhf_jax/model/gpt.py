@@ -37,7 +37,7 @@ Public API:
   forward(...) -> (hidden, cache): the general entry, with KV cache and dropout
   unembed(params, config, hidden) -> float32 logits
   init_cache(config, batch_size, max_len) -> {"k","v": [L,B,KV,S,Dh]} (head-major)
-  unstack_blocks(params), unstack_cache(cache), stack_cache(cache): per-layer views for decode loops
+  decode_params(params, config), unstack_cache(cache), stack_cache(cache): layouts for decode loops
   resize_vocab(params, config, new_vocab_size, new_ids) -> (config, params)
   upgrade_legacy_params(params) -> params (fused qkv_kernel checkpoints -> this layout)
 """
@@ -215,17 +215,20 @@ def _cache_slots(cache) -> int:
   return k[0].shape[2] if isinstance(k, (list, tuple)) else k.shape[3]
 
 
-def unstack_blocks(params: Params) -> Params:
-  """params with "blocks" as a tuple of L per-layer dicts (static slices, taken once).
+def decode_params(params: Params, config) -> Params:
+  """The params laid out for a decoding loop (call it once, outside the loop):
+  "blocks" as a tuple of L per-layer dicts, and "unembed_t" = the unembedding transposed to [D,V].
 
-  Decoding loops call this outside the loop: XLA does not hoist the loop-invariant slices of
-  stacked weights, so a loop over stacked blocks copies every weight on every step
-  (measured: ~70% of a CPU decode step). `forward` runs split blocks unrolled."""
-  blocks = params["blocks"]
-  if isinstance(blocks, (list, tuple)):
+  XLA does not hoist loop-invariant slices or transposes of weights out of a while loop, so a
+  decode loop over stacked blocks copies every weight on every step (measured: ~70% of a CPU
+  decode step), and the [V,D] unembedding is contracted in its slow transposed form. `forward`
+  runs split blocks unrolled; `unembed` uses "unembed_t" when present. Idempotent."""
+  if isinstance(params["blocks"], (list, tuple)):
     return params
+  blocks = params["blocks"]
   n = jax.tree.leaves(blocks)[0].shape[0]
-  return {**params, "blocks": tuple(jax.tree.map(lambda y: y[i], blocks) for i in range(n))}
+  return {**params, "blocks": tuple(jax.tree.map(lambda y: y[i], blocks) for i in range(n)),
+          "unembed_t": jnp.transpose(unembedding_table(params, config))}
 
 
 def unstack_cache(cache):
@@ -254,9 +257,12 @@ def unembedding_table(params: Params, config):
 def unembed(params: Params, config, hidden):
   """hidden [...,D] -> float32 logits [...,V] with wte (tied) or lm_head (tie_embeddings=False)."""
   cfg = _as_config(config)
-  table = unembedding_table(params, cfg)
-  logits = jnp.einsum("...d,vd->...v", hidden, table.astype(cfg.compute_dtype),
-                      preferred_element_type=jnp.float32)
+  if "unembed_t" in params:   # `decode_params`: [D,V], the plain matmul form
+    logits = jnp.einsum("...d,dv->...v", hidden, params["unembed_t"].astype(cfg.compute_dtype),
+                        preferred_element_type=jnp.float32)
+  else:
+    logits = jnp.einsum("...d,vd->...v", hidden, unembedding_table(params, cfg).astype(cfg.compute_dtype),
+                        preferred_element_type=jnp.float32)
   return parallel.constrain(logits, ("batch", "length", "vocab")) if logits.ndim == 3 else logits
 
 
