@@ -154,16 +154,25 @@ def test_chunked_cross_entropy_matches_full_logits(family):
   _close(full, chunked)
 
 
-def test_large_vocabularies_use_the_chunked_loss_and_never_form_full_logits():
-  cfg = dataclasses.replace(CFG, vocab_size=steps.CHUNKED_CE_MIN_VOCAB)
-  params = jax.eval_shape(lambda: gpt.init(cfg, jax.random.PRNGKey(0)))
+def test_large_logits_use_the_chunked_loss_and_never_form_full_logits():
+  assert steps.loss_chunk_size(2, 128, 50257) == 0                   # 51 MB: one matmul
+  c = steps.loss_chunk_size(8, 1024, 151936)                         # Qwen, 5 GB of logits
+  assert c and 8 * c * 151936 * 4 <= steps.CHUNK_LOGITS_BUDGET and c & (c - 1) == 0
+  vocab = 4096
   batch = jax.eval_shape(lambda: _batch(CFG))
-  fn = jax.grad(lambda p, b: steps.lm_loss_fn(cfg)(p, b, None)[0])
-  hlo = jax.jit(fn).lower(params, batch).as_text()
-  full = f"{B}x{T}x{cfg.vocab_size}xf32"
-  chunk = f"{B}x{min(T, steps.CHUNKED_CE_POSITIONS)}x{cfg.vocab_size}xf32"
-  assert full not in hlo or chunk == full
-  assert chunk in hlo
+  seq = batch["tokens"].shape[1]
+  cfg = dataclasses.replace(CFG, vocab_size=vocab)
+  params = jax.eval_shape(lambda: gpt.init(cfg, jax.random.PRNGKey(0)))
+  old = steps.FULL_LOGITS_BUDGET, steps.CHUNK_LOGITS_BUDGET
+  try:   # shrink the budgets so these tiny shapes take the chunked path
+    steps.FULL_LOGITS_BUDGET, steps.CHUNK_LOGITS_BUDGET = B * seq * vocab * 4 - 1, B * 4 * vocab * 4
+    assert steps.loss_chunk_size(B, seq, vocab) == 4
+    fn = jax.grad(lambda p, b: steps.lm_loss_fn(cfg)(p, b, None)[0])
+    hlo = jax.jit(fn).lower(params, batch).as_text()
+  finally:
+    steps.FULL_LOGITS_BUDGET, steps.CHUNK_LOGITS_BUDGET = old
+  assert f"{B}x{seq}x{vocab}xf32" not in hlo
+  assert f"{B}x4x{vocab}xf32" in hlo
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -36,22 +36,37 @@ def _global_norm(tree):
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-CHUNKED_CE_MIN_VOCAB = 32768   # GPT-2's 50k, Llama 3's 128k and Qwen's 152k vocabularies are above
-CHUNKED_CE_POSITIONS = 128
+FULL_LOGITS_BUDGET = 1 << 30   # bytes of float32 [B,T,V] logits above which the loss runs chunked
+CHUNK_LOGITS_BUDGET = 1 << 28  # bytes of one chunk's [B,c,V] logits
+
+
+def loss_chunk_size(batch: int, seq: int, vocab: int) -> int:
+  """Positions per chunk of the fused unembedding + cross-entropy, 0 = full logits.
+
+  Full logits while they fit FULL_LOGITS_BUDGET (1 GiB; one matmul is fastest, and on XLA:CPU the
+  chunked path costs 2x the step for GPT-2 at 2 x 128 tokens); beyond it, the largest power-of-two
+  chunk whose logits fit CHUNK_LOGITS_BUDGET (256 MiB). For Qwen's 152k vocabulary at 8 x 1024
+  tokens the full logits would be 5 GB."""
+  if batch * seq * vocab * 4 <= FULL_LOGITS_BUDGET:
+    return 0
+  c = 1
+  while c * 2 <= seq and batch * c * 2 * vocab * 4 <= CHUNK_LOGITS_BUDGET:
+    c *= 2
+  return c
 
 
 def model_lm_loss(params, model_cfg, tokens, targets, mask, attention_mask=None, rng=None, chunk_size=None):
   """Masked next-token loss of the GPT on tokens [B,T] (targets, mask [B,T]) -> (loss, metrics).
 
-  For vocabularies >= CHUNKED_CE_MIN_VOCAB the unembedding and the cross-entropy run fused over
-  chunks of CHUNKED_CE_POSITIONS positions (`losses.lm.chunked_lm_loss`, rematerialised in the
-  backward), so the [B,T,V] float32 logits are never materialised: for Qwen's 152k vocabulary
-  at B*T = 8k tokens that is 5 GB. chunk_size overrides the choice (0 = full logits).
+  When the [B,T,V] float32 logits would exceed FULL_LOGITS_BUDGET, the unembedding and the
+  cross-entropy run fused over chunks of positions (`losses.lm.chunked_lm_loss`, rematerialised
+  in the backward), so the full logits are never materialised (`loss_chunk_size`).
+  chunk_size overrides the choice (0 = full logits).
   """
   cfg = gpt.GPTConfig.from_dict(model_cfg)
   hidden = gpt.hidden_states(params, cfg, tokens, attention_mask, dropout_rng=rng)
   if chunk_size is None:
-    chunk_size = CHUNKED_CE_POSITIONS if cfg.vocab_size >= CHUNKED_CE_MIN_VOCAB else 0
+    chunk_size = loss_chunk_size(tokens.shape[0], tokens.shape[1], cfg.vocab_size)
   if chunk_size:
     table = gpt.unembedding_table(params, cfg).astype(cfg.compute_dtype)
     return chunked_lm_loss(hidden, table, targets, mask, int(chunk_size))
@@ -60,7 +75,7 @@ def model_lm_loss(params, model_cfg, tokens, targets, mask, attention_mask=None,
 
 def lm_loss_fn(model_cfg, chunk_size=None):
   """Next-token loss on batch {"tokens","targets","mask": [B,T]} (mask selects the trained tokens);
-  chunk_size: see `model_lm_loss` (None = chunked cross-entropy for large vocabularies)."""
+  chunk_size: see `model_lm_loss` (None = chunked cross-entropy when the logits are large)."""
   def loss_fn(params, batch, rng):
     return model_lm_loss(params, model_cfg, batch["tokens"], batch["targets"], batch["mask"],
                          batch.get("attention_mask"), rng, chunk_size)
