@@ -11,9 +11,9 @@ One iteration (both sides): sample `batch` responses of exactly `new_tokens` tok
 stop token) at temperature 1 from the policy with a KV cache; reference log-probs, values
 and reward-model scores; per-token KL-penalised rewards (fixed KL coefficient) and GAE;
 then `ppo_epochs` x `num_minibatches` clipped-PPO updates of the policy and the value
-model (ours: two Adam optimizers; TRL: one over both, as its trainer does). Ours also
-recomputes the policy log-probs with an uncached forward (TRL reuses the sampler's
-logits). TRL's per-update `gc.collect()` and logging are part of its trainer and are
+model (ours: two Adam optimizers; TRL: one over both, as its trainer does). Ours reuses
+the sampler's log-probs as the old log-probs (ppo.recompute_logprobs=False, the default);
+TRL recomputes them with one more policy forward. TRL's per-update `gc.collect()` and logging are part of its trainer and are
 timed with it. Per-iteration times come from a TrainerCallback (TRL) and from timing
 the jitted step (ours); medians after warm-up.
 """
