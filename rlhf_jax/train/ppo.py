@@ -65,6 +65,7 @@ def default_config() -> mlc.ConfigDict:
       # generation (make_rollout_from_config)
       max_new_tokens=24, temperature=0.7, top_k=0, top_p=1.0,
       no_eos_penalty=-1.0,     # score of a response that never emits EOS (None = keep the score)
+      recompute_logprobs=False,  # True: old log-probs from one more uncached policy forward (TRL), not the sampler's
   ))
 
 
