@@ -70,3 +70,21 @@ def make_checkpoint(directory: str, family: str = "qwen2", chat_template: str | 
     model = cls[1](cfg)
   model.save_pretrained(directory, safe_serialization=True)
   return directory
+
+
+# Two rows, the second left-padded: the probe every export-parity test feeds both sides.
+PROBE_TOKENS = [[5, 17, 33, 60, 2, 9], [0, 0, 11, 12, 13, 14]]
+PROBE_MASK = [[1] * 6, [0, 0, 1, 1, 1, 1]]
+
+
+def hf_causal_lm_logits(model_dir, tokens, mask):
+  """transformers' AutoModelForCausalLM logits float32 [B,T,V] for left-padded int [B,T] tokens / mask,
+  with positions counted from the mask (as `gpt.positions_from_mask`)."""
+  import numpy as np
+  import torch
+  import transformers
+  model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+  pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
+  with torch.no_grad():
+    return model(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask),
+                 position_ids=torch.tensor(pos, dtype=torch.long)).logits.numpy()

@@ -82,21 +82,15 @@ def test_stage_tokenizer_keeps_the_chat_template(run):
 
 
 def test_export_policy_matches_transformers(run, tmp_path):
-  import torch
   import transformers
   from rlhf_jax import export
 
   info = export.export(str(run["root"] / "ppo"), str(tmp_path / "policy"))
   assert info["kind"] == "causal_lm" and info["architectures"] == ["Qwen2ForCausalLM"]
   m = stages.load_model(str(run["root"] / "ppo"), expect="ppo")
-  tokens = np.array([[5, 17, 33, 60, 2, 9], [0, 0, 11, 12, 13, 14]], np.int32)
-  mask = np.array([[1] * 6, [0, 0, 1, 1, 1, 1]], np.int32)
+  tokens, mask = np.array(hf_fixtures.PROBE_TOKENS, np.int32), np.array(hf_fixtures.PROBE_MASK, np.int32)
   ours = np.asarray(gpt.logits(m.params, m.config, jnp.asarray(tokens), jnp.asarray(mask)))
-  model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "policy").eval()
-  pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
-  with torch.no_grad():
-    theirs = model(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask),
-                   position_ids=torch.tensor(pos, dtype=torch.long)).logits.numpy()
+  theirs = hf_fixtures.hf_causal_lm_logits(tmp_path / "policy", tokens, mask)
   real = mask.astype(bool)
   assert np.max(np.abs(ours[real] - theirs[real])) < 1e-4
   hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "policy")

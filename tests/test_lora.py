@@ -284,8 +284,6 @@ def test_lora_ppo_reference_is_the_policy_base(chain):
 
 
 def test_lora_ppo_export_matches_transformers(chain, tmp_path):
-  import torch
-  import transformers
   from rlhf_jax import export
 
   info = export.export(str(chain["root"] / "ppo"), str(tmp_path / "policy"))
@@ -293,15 +291,10 @@ def test_lora_ppo_export_matches_transformers(chain, tmp_path):
   pol = _raw_state(str(chain["root"] / "ppo"))["policy"]["params"]
   merged = lora.merge(pol["base"], pol["lora"], float(pol["scale"]))
   cfg = chain["sft_model"].config
-  tokens = np.array([[5, 17, 33, 60, 2, 9], [0, 0, 11, 12, 13, 14]], np.int32)
-  mask = np.array([[1] * 6, [0, 0, 1, 1, 1, 1]], np.int32)
+  tokens, mask = np.array(hf_fixtures.PROBE_TOKENS, np.int32), np.array(hf_fixtures.PROBE_MASK, np.int32)
   ours = np.asarray(gpt.logits(merged, cfg, jnp.asarray(tokens), jnp.asarray(mask)))
   base = np.asarray(gpt.logits(pol["base"], cfg, jnp.asarray(tokens), jnp.asarray(mask)))
-  model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "policy").eval()
-  pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
-  with torch.no_grad():
-    theirs = model(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask),
-                   position_ids=torch.tensor(pos, dtype=torch.long)).logits.numpy()
+  theirs = hf_fixtures.hf_causal_lm_logits(tmp_path / "policy", tokens, mask)
   real = mask.astype(bool)
   assert np.max(np.abs(ours[real] - theirs[real])) < 1e-4
   assert np.max(np.abs(base[real] - theirs[real])) > 1e-3          # the adapters are in the export
