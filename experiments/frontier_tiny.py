@@ -47,8 +47,11 @@ OVERRIDES = {
 }
 PRESETS = {
     "default": {},
-    # Structure only (tests/test_frontier.py): a few steps per method, few prompts.
-    "smoke": {"budget.policy_tokens": 4000, "budget.n_checkpoints": 2, "best_of_n": (1, 2, 4),
+    # Structure only (tests/test_instructgpt_smoke.py): one method of each kind (PPO-ptx, GRPO, iterated PPO;
+    # K-wise and pairwise DPO for their comparison) and best-of-n, 1-2 steps each (1 per iterated round), few
+    # prompts. The others are the same code with other settings (tests/test_frontier.py sizes every method).
+    "smoke": {"methods": "ppo_ptx,dpo_pairwise,dpo_kwise,grpo,iterated_ppo,best_of_n",
+              "budget.policy_tokens": 1500, "budget.n_checkpoints": 2, "best_of_n": (1, 2, 4),
               "eval.n_prompts": 16, "eval.n_val_rows": 8, "eval.max_new_tokens": 12, "eval.n_boot": 100,
               **{f"stages.{m}.batch_size": 8 for m in METHODS if m != "iterated_ppo"},
               **{f"stages.{m}.ppo.max_new_tokens": 12 for m in ("ppo", "ppo_ptx")},

@@ -27,7 +27,11 @@ STAGE_FILES = {"pretrain": "pretrain_tiny.py", "pretrain_large": "pretrain_tiny.
 # benign demonstrations wrap the correct answer in polite filler, which the gold labeler scores
 # lower -- comparisons can then express a preference the demonstrations do not (InstructGPT's
 # premise); the gold labeler and the evaluation are unchanged.
-PRESETS = {"default": {}, "smoke": {"beta_sweep.betas": (0.0, 0.2), "eval.n_prompts": 24, "eval.max_new_tokens": 12},
+# In "smoke" the large model is 3 x 128 (0.68M params, 4.8x the smoke stages' nano model): still >= 4x, at a
+# quarter of 3 x 256's cost (the stage's own smoke preset sets its steps and data).
+PRESETS = {"default": {},
+           "smoke": {"beta_sweep.betas": (0.0, 0.2), "eval.n_prompts": 24, "eval.max_new_tokens": 12,
+                     "stages.pretrain_large.model.d_model": 128, "stages.pretrain_large.model.n_head": 4},
            "imperfect_demos": {"stages.sft.data.filler_rate": 0.5}}
 
 

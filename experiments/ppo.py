@@ -26,7 +26,7 @@ from rlhf_jax.train import ppo as ppo_lib
 PRESETS = {
     "default": {},
     "smoke": {"data.n_train": 64, "data.n_eval": 16, "data.limit": 64, "data.eval_limit": 16, "n_eval_prompts": 16,
-              "batch_size": 16, "ptx_batch_size": 8, "loop.num_steps": 4, "loop.eval_every": 2, "loop.log_every": 1,
+              "batch_size": 16, "ptx_batch_size": 8, "loop.num_steps": 2, "loop.eval_every": 2, "loop.log_every": 1,
               "loop.ckpt_every": 2, "ppo.max_new_tokens": 12, "ppo.ppo_epochs": 2, "ppo.num_minibatches": 2,
               "ptx_limit": 200},
 }

@@ -8,7 +8,17 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONUNBUFFERED": "1"}
+_DEVICES = "--xla_force_host_platform_device_count"
+
+
+def xla_flags(devices: int) -> str:
+  """This session's XLA_FLAGS (conftest's fast-compile level, or the user's own) with `devices` CPU devices."""
+  kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICES)]
+  return " ".join([f"{_DEVICES}={devices}", *kept])
+
+
+# The environment of a CLI subprocess: one CPU device; the session's compilation cache (conftest) is inherited.
+ENV = {**os.environ, "XLA_FLAGS": xla_flags(1), "PYTHONUNBUFFERED": "1"}
 
 
 def run_smoke(experiment: str, workdir, timeout: int) -> subprocess.CompletedProcess:

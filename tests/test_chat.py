@@ -16,6 +16,8 @@ from rlhf_jax.data import tokenizer as tok_lib
 from rlhf_jax.model import gpt, heads
 from rlhf_jax.train import checkpoint, stages
 
+from main_fixtures import xla_flags  # tests/ is on sys.path
+
 REPO = Path(__file__).resolve().parents[1]
 TOK = tok_lib.train_bpe(synthetic.pretraining_corpus(300, seed=2), 300)
 CFG = gpt.preset("nano", vocab_size=TOK.vocab_size, max_len=64, dropout=0.0, init_std=0.3)
@@ -128,7 +130,7 @@ def test_load_chat_model_refuses_reward_models_and_reads_rl_policies(tmp_path):
 
 def test_cli_with_piped_stdin(tmp_path):
   _workdir(tmp_path / "run" / "sft", "sft", {"params": PARAMS, "step": np.int32(3)})
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1), "PYTHONUNBUFFERED": "1"}
   stdin = "sort: b a\ncopy: a b\n/reset\nsort: b a\n/exit\nmax of: 3 4\n"
   proc = subprocess.run([sys.executable, "-m", "rlhf_jax.chat", "--workdir", str(tmp_path / "run"), "--stage", "sft",
                          "--system", "Be brief.", "--temperature", "0", "--max_new_tokens", "10"],

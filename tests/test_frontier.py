@@ -1,17 +1,22 @@
-"""The frontier experiment: best-of-n estimators against brute force, budget sizing, and the smoke preset
-end to end (structure only: every method ran, every metric is present and finite; not the outcome)."""
+"""The frontier experiment: best-of-n estimators against brute force, budget sizing, and every method's stage
+config. Its smoke preset end to end (structure only; one method of each kind) is in
+tests/test_instructgpt_smoke.py, where it starts from the main job's smoke stages."""
 import itertools
 import json
 import math
+
+from pathlib import Path
 
 import ml_collections as mlc
 import numpy as np
 import pytest
 
+from rlhf_jax import config as rcfg
+from rlhf_jax.config import load_experiment
 from rlhf_jax.eval import bootstrap, rm_diagnostics
 from rlhf_jax.recipes import frontier
 
-from main_fixtures import finite, run_smoke  # tests/ is on sys.path
+EXP = Path(__file__).resolve().parents[1] / "experiments"
 
 
 def test_best_of_n_expected_equals_the_mean_over_all_subsets():
@@ -54,36 +59,31 @@ def test_budget_sizing_counts_policy_tokens(tmp_path):
   assert frontier.gold_per_nat({"gold_mean": 0.6, "kl_to_sft": 0.01}, 0.5, 0.05) is None
 
 
-def _run(workdir):
-  return run_smoke("frontier_tiny.py", workdir, timeout=1800)
+@pytest.mark.parametrize("preset", ["default", "smoke"])
+def test_every_method_wires_and_sizes(tmp_path, preset):
+  """Every method of experiments/frontier_tiny.py (the smoke run trains one of each kind): its stage
+  config points at the shared stages and gets >= 1 step and a checkpoint from the budget."""
+  (tmp_path / "pretrain").mkdir()
+  (tmp_path / "pretrain" / "stage.json").write_text(json.dumps({"stage": "pretrain", "data": {"seq_len": 64}}))
+  exp = load_experiment(str(EXP / "frontier_tiny.py"))
+  c = exp.get_config()
+  c.preset = preset
+  c = rcfg.apply_preset(c, exp.PRESETS)
+  names = [n for n in c.methods.split(",") if n != "best_of_n"]
+  assert set(names) <= set(exp.METHODS) and "best_of_n" in c.methods.split(",")
+  if preset == "default":
+    assert names == list(exp.METHODS)
+  kinds = set()
+  for name, (file, kind) in exp.METHODS.items():
+    assert file.exists() and kind in frontier.KINDS, name
+    kinds.add(kind)
+    sc = c.stages[name]
+    frontier.wire(kind, sc, str(tmp_path), 0)
+    assert sc.init_from == str(tmp_path / "sft"), name
+    sized = frontier.size_stage(kind, sc, str(tmp_path), int(c.budget.policy_tokens), int(c.budget.n_checkpoints))
+    assert sized["steps"] >= 1 and sized["policy_tokens"] >= sized["tokens_per_step"] > 0, (name, sized)
+    loop_cfg = sc.ppo.loop if kind == "iterated" else sc.loop
+    assert 1 <= loop_cfg.ckpt_every <= loop_cfg.num_steps, name
+  assert kinds == set(frontier.KINDS)
+  assert {exp.METHODS[n][1] for n in names} == set(frontier.KINDS)   # the smoke run trains every kind
 
-
-def test_frontier_smoke(tmp_path):
-  """The smoke preset from nothing: the main job's pretrain/sft/rm smoke stages, then every method."""
-  out = _run(tmp_path)
-  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-4000:]
-  summary = json.load(open(tmp_path / "summary.json"))
-  methods = ("ppo", "ppo_ptx", "dpo_pairwise", "dpo_kwise", "dpo_plackett_luce", "dpo_ipo", "rloo", "grpo",
-             "iterated_ppo", "best_of_n")
-  assert list(summary["methods"]) == list(methods)
-  for name in methods:
-    m = summary["methods"][name]
-    assert m["points"], name
-    for p in m["points"]:
-      for key in ("gold_mean", "kl_to_sft", "rm_score_mean", "pretrain_val_loss"):
-        assert finite(p[key]), (name, key, p.get(key))
-      assert 0.0 <= p["gold_ci95"][0] <= p["gold_mean"] <= p["gold_ci95"][1] <= 1.0, name
-    if name != "best_of_n":
-      assert m["policy_tokens"] > 0 and finite(m["train_seconds"])
-      assert (tmp_path / name / "stage.json").exists() or (tmp_path / name / "round0" / "ppo" / "stage.json").exists()
-  assert [p["n"] for p in summary["methods"]["best_of_n"]["points"]] == [1, 2, 4]
-  assert len(summary["methods"]["iterated_ppo"]["points"]) >= 2      # both rounds' checkpoints
-  assert summary["sft"]["kl_to_sft"] == 0.0
-  assert "kwise_vs_pairwise_dpo" in summary and summary["budget"]["policy_tokens"] > 0
-  assert (tmp_path / "frontier.png").stat().st_size > 1000
-  table = (tmp_path / "results.md").read_text()
-  assert all(f"| {name} |" in table for name in methods)
-  # A re-run finds every stage finished and every point evaluated.
-  again = _run(tmp_path)
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert "==> stage" not in again.stdout

@@ -20,6 +20,7 @@ def test_instructgpt_hh_smoke(tmp_path, shared_data):
   c.preset, c.init_from = "smoke", ckpt
   c.ptx_from = str(shared_data / "tinyshakespeare" / "input.txt")
   c.stages.ppo_ptx.ptx_limit = 200
+  c.data.cache_dir = str(tmp_path / "data")   # one HH build for the three stages (same builder and split)
   out = exp.train(c, str(tmp_path / "run"))
   summary = json.loads((tmp_path / "run" / "summary.json").read_text())
   rm = summary["stages"]["rm"]["result"]

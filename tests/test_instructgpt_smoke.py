@@ -1,20 +1,44 @@
-"""The main job's smoke preset: every stage runs, every metric is present and finite, re-runs resume.
+"""The main job's smoke preset, then the frontier's smoke preset on the main job's stages: every stage and
+method runs, every metric is present and finite, re-runs resume.
 
-This asserts the pipeline's structure, not the paper's claims (those need the full run).
+This asserts the pipelines' structure, not the paper's claims or the frontier's outcome (those need the
+full runs). Both smoke runs live in this module so that they share one run of the main job (a module
+fixture; `--dist loadfile` keeps a module on one worker): the frontier from nothing first runs the main
+job's pretrain/sft/rm smoke stages -- the very stage configs of the main job's smoke run (checked
+below) -- so its workdir starts with copies of those finished stages, which it must find and skip.
 """
 import json
+import shutil
 
-from main_fixtures import finite, run_smoke  # tests/ is on sys.path
+import pytest
+
+from rlhf_jax import config as rcfg
+from rlhf_jax.config import load_experiment
+
+from main_fixtures import REPO, finite, run_smoke  # tests/ is on sys.path
 
 STAGES = ("pretrain", "pretrain_large", "sft", "rm", "ppo", "ppo_ptx")
+BASE = ("pretrain", "sft", "rm")       # the frontier's base stages
+# The frontier smoke preset's methods: one of each kind (tests/test_frontier.py sizes and wires all of them).
+METHODS = ("ppo_ptx", "dpo_pairwise", "dpo_kwise", "grpo", "iterated_ppo", "best_of_n")
 
 
-def _run(workdir):
+def _main(workdir):
   return run_smoke("instructgpt_tiny.py", workdir, timeout=900)
 
 
-def test_instructgpt_smoke_pipeline(tmp_path):
-  out = _run(tmp_path)
+def _frontier(workdir):
+  return run_smoke("frontier_tiny.py", workdir, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def main_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("instructgpt_smoke")
+  return workdir, _main(workdir)
+
+
+def test_instructgpt_smoke_pipeline(main_run, monkeypatch, capsys):
+  tmp_path, out = main_run
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
   for stage in STAGES:
     assert (tmp_path / "results" / f"{stage}.json").exists(), stage
@@ -39,7 +63,71 @@ def test_instructgpt_smoke_pipeline(tmp_path):
   assert set(summary["claims"]) and all("holds" in c for c in summary["claims"].values())
   for png in ("rm_accuracy.png", "ppo_curves.png", "gold_by_model.png", "beta_sweep.png"):
     assert (tmp_path / "plots" / png).stat().st_size > 1000
-  # A re-run resumes: every stage is found finished, nothing is retrained.
-  again = _run(tmp_path)
+  # A re-run resumes: every stage (the beta sweep's too) is found finished, nothing is retrained. In
+  # process, with the evaluation stubbed out (it re-samples every model: seconds, and the run above
+  # already checked it); the CLI re-run path is checked by the frontier's re-run below.
+  from rlhf_jax.eval import pipeline_report
+  monkeypatch.setattr(pipeline_report, "evaluate_all", lambda config, workdir, results: {"claims": results})
+  monkeypatch.setattr(pipeline_report, "write", lambda summary, workdir: None)
+  main = load_experiment(str(REPO / "experiments" / "instructgpt_tiny.py"))
+  config = main.get_config()
+  config.preset = "smoke"
+  capsys.readouterr()
+  results = main.train(config, str(tmp_path))
+  assert "==> stage" not in capsys.readouterr().out
+  assert set(results) == set(STAGES) | {"beta_0", "beta_0.2"}
+
+
+def test_frontier_base_stages_are_the_main_jobs_smoke_stages(tmp_path, monkeypatch):
+  """What lets the frontier test below start from the main job's stages (no training here)."""
+  frontier_exp = load_experiment(str(REPO / "experiments" / "frontier_tiny.py"))
+  ran = {}
+  monkeypatch.setattr(frontier_exp.chain, "run_stage",
+                      lambda name, file, cfg, workdir, results: ran.update({name: (file.name, cfg.to_dict())}))
+  fc = frontier_exp.get_config()
+  fc.preset = "smoke"
+  assert frontier_exp.base_stages(rcfg.apply_preset(fc, frontier_exp.PRESETS), str(tmp_path)) == str(tmp_path)
+  main = load_experiment(str(REPO / "experiments" / "instructgpt_tiny.py"))
+  mc = main.get_config()
+  mc.preset = "smoke"
+  mc = rcfg.apply_preset(mc, main.PRESETS)
+  main._wire(mc, str(tmp_path))
+  assert list(ran) == list(BASE)
+  for name in BASE:
+    assert ran[name] == (main.STAGE_FILES[name], mc.stages[name].to_dict()), name
+
+
+def test_frontier_smoke(main_run, tmp_path):
+  """The frontier's smoke preset: its base stages (found finished), then each of its methods, then a re-run."""
+  main_dir, main_out = main_run
+  assert main_out.returncode == 0, main_out.stderr[-3000:]
+  (tmp_path / "results").mkdir()
+  for name in BASE:
+    shutil.copytree(main_dir / name, tmp_path / name)
+    shutil.copy(main_dir / "results" / f"{name}.json", tmp_path / "results")
+  out = _frontier(tmp_path)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-4000:]
+  assert not set(out.stdout.splitlines()) & {f"==> stage {name}" for name in BASE}   # found finished
+  summary = json.load(open(tmp_path / "summary.json"))
+  assert list(summary["methods"]) == list(METHODS)
+  for name in METHODS:
+    m = summary["methods"][name]
+    assert m["points"], name
+    for p in m["points"]:
+      for key in ("gold_mean", "kl_to_sft", "rm_score_mean", "pretrain_val_loss"):
+        assert finite(p[key]), (name, key, p.get(key))
+      assert 0.0 <= p["gold_ci95"][0] <= p["gold_mean"] <= p["gold_ci95"][1] <= 1.0, name
+    if name != "best_of_n":
+      assert m["policy_tokens"] > 0 and finite(m["train_seconds"])
+      assert (tmp_path / name / "stage.json").exists() or (tmp_path / name / "round0" / "ppo" / "stage.json").exists()
+  assert [p["n"] for p in summary["methods"]["best_of_n"]["points"]] == [1, 2, 4]
+  assert len(summary["methods"]["iterated_ppo"]["points"]) >= 2      # both rounds' checkpoints
+  assert summary["sft"]["kl_to_sft"] == 0.0
+  assert "kwise_vs_pairwise_dpo" in summary and summary["budget"]["policy_tokens"] > 0
+  assert (tmp_path / "frontier.png").stat().st_size > 1000
+  table = (tmp_path / "results.md").read_text()
+  assert all(f"| {name} |" in table for name in METHODS)
+  # A re-run finds every stage finished and every point evaluated.
+  again = _frontier(tmp_path)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "==> stage" not in again.stdout

@@ -10,8 +10,10 @@ import pytest
 
 from rlhf_jax import main as main_lib
 
+from main_fixtures import xla_flags  # tests/ is on sys.path
+
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "XLA_FLAGS": xla_flags(2), "PYTHONUNBUFFERED": "1"}
 
 
 def _cli(*args, timeout=300):

@@ -15,8 +15,13 @@ from rlhf_jax.train import state as state_lib
 from rlhf_jax.train.steps import lm_loss_fn, make_train_step
 
 CFG = gpt.preset("nano", dropout=0.0, vocab_size=96)
+# eps=1e-3 (as tests/multiprocess_worker.py): Adam with a tiny eps turns float32 reduction-order noise on
+# near-zero gradients (the key bias's is analytically zero: softmax is shift-invariant) into O(lr) steps
+# of random sign, which differ between layouts and compilers; with eps=1e-3 an update is ~linear in such
+# a gradient, so the sharded and single-device params agree to float32 rounding while real gradients
+# still move every leaf by ~1e-3..1e-2.
 OPTIM = mlc.ConfigDict(dict(lr=1e-2, total_steps=10, warmup_steps=0, schedule="constant", weight_decay=0.1,
-                            grad_clip=1.0))
+                            grad_clip=1.0, eps=1e-3))
 
 
 def _batch(b=8, t=16, seed=0):
@@ -52,10 +57,8 @@ def test_sharded_step_matches_single_device(reference, shape):
   np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
   diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(jax.device_get(a) - jax.device_get(b)))),
                        state["params"], ref_state["params"])
-  # Adam divides by sqrt(v): on the key bias, whose gradient is analytically zero (softmax is
-  # shift-invariant), float32 reduction-order noise becomes an O(lr) random step, so params get
-  # a looser bound than the loss; the gradients themselves are compared tightly below.
-  assert max(jax.tree.leaves(diffs)) < 5e-5, diffs
+  # (OPTIM's eps keeps Adam from amplifying float32 noise on near-zero gradients; see above.)
+  assert max(jax.tree.leaves(diffs)) < 1e-6, diffs
   assert len(state["params"]["wte"].sharding.device_set) == int(np.prod(shape))
 
 
