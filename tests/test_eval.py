@@ -77,6 +77,9 @@ def test_hand_made_responses_give_known_metrics():
   # vs the correct answers: ties on sort/add/insult (both perfect), losses on reverse/secret/max.
   assert out["win_rate_vs_sft_gold"] == pytest.approx(1.5 / 6)
   assert out["tie_rate_vs_sft_gold"] == pytest.approx(3 / 6)
+  w = out["vs_sft_gold"]
+  assert (w["wins"], w["ties"], w["losses"], w["n"]) == (0, 3, 3, 6) and w["ci95"][0] <= 0.25 <= w["ci95"][1]
+  assert out["gold_ci95"][0] <= out["gold_mean"] <= out["gold_ci95"][1]
   assert out["n_harmful"] == 2 and out["harmful_compliance_rate"] == 0.5 and out["refusal_rate_on_harmful"] == 0.5
   assert out["refusal_rate_on_benign"] == 0.0
   assert out["mean_response_length"] == pytest.approx(np.mean([len(tok.encode(r)) for r in policy]))
@@ -310,7 +313,7 @@ def _summary(**over):
       "sft": {"gold_mean": 0.50, "gold_se": 0.03, "pretrain_val_loss": 2.10, "num_params": 1.0e6},
       "ppo": {"gold_mean": 0.70, "gold_se": 0.03, "pretrain_val_loss": 2.40, "win_rate_vs_sft_gold": 0.66,
               "num_params": 1.0e6, "kl_to_sft": 3.2},
-      "ppo_ptx": {"gold_mean": 0.65, "gold_se": 0.03, "pretrain_val_loss": 2.15, "win_rate_vs_sft_gold": 0.63,
+      "ppo_ptx": {"gold_mean": 0.67, "gold_se": 0.03, "pretrain_val_loss": 2.15, "win_rate_vs_sft_gold": 0.63,
                   "num_params": 1.0e6},
   }
   for path, v in over.items():
@@ -341,7 +344,14 @@ def test_claims_fail_on_bad_summaries():
   bad_rm["rm"]["heldout_accuracy"] = 0.69
   assert fails(bad_rm, "b_rm_heldout_accuracy")
   assert fails(_summary(ppo__win_rate_vs_sft_gold=0.6), "c_ppo_beats_sft")  # strictly > 0.6
-  assert fails(_summary(ppo_ptx__gold_mean=0.59), "d_ptx_keeps_gain_with_less_tax")  # keeps < half
+  assert fails(_summary(ppo_ptx__gold_mean=0.65), "d_ptx_keeps_gain_with_less_tax")  # > 1 SE (0.042) below PPO
+  paired = _summary(ppo__gold_per_prompt=[0.7, 0.8, 0.6, 0.7], ppo_ptx__gold_per_prompt=[0.6, 0.7, 0.5, 0.6])
+  assert fails(paired, "d_ptx_keeps_gain_with_less_tax")  # paired SE 0: 0.1 below is outside it
+  assert report.check_claims(paired)["d_ptx_keeps_gain_with_less_tax"]["numbers"]["gold_diff_se"] == pytest.approx(0.0, abs=1e-12)
+  ci_low = _summary(ppo__vs_sft_gold={"wins": 9, "ties": 1, "losses": 5, "ci95": [0.45, 0.85]})
+  assert fails(ci_low, "c_ppo_beats_sft")  # win rate 0.66, but its CI reaches below 0.5
+  ci_ok = report.check_claims(_summary(ppo__vs_sft_gold={"wins": 9, "ties": 1, "losses": 5, "ci95": [0.55, 0.8]}))
+  assert ci_ok["c_ppo_beats_sft"]["holds"] and ci_ok["c_ppo_beats_sft"]["numbers"]["ci_low"] == 0.55
   assert fails(_summary(ppo_ptx__pretrain_val_loss=2.5), "d_ptx_keeps_gain_with_less_tax")  # more tax
   assert fails(_summary(ppo_ptx__gold_mean=0.25), "e_small_aligned_beats_large_pretrained")
   small_gap = report.check_claims(_summary(pretrained_large__num_params=3.0e6))[
@@ -378,3 +388,18 @@ def test_format_table_and_write_summary(tmp_path):
   back = report.read_summary(path)
   assert back["models"]["sft"]["nan_metric"] is None and back["models"]["sft"]["arr"] == [0, 1, 2]
   assert report.check_claims(back)["f_overoptimisation_at_small_beta"]["holds"]
+
+
+def test_win_tie_loss_counts_and_interval():
+  from rlhf_jax.eval import bootstrap
+  x = [1.0] * 30 + [0.5] * 50 + [0.0] * 20
+  w = bootstrap.win_tie_loss(x, n_boot=2000)
+  assert (w["wins"], w["ties"], w["losses"], w["n"]) == (30, 50, 20, 100)
+  assert w["win_rate"] == pytest.approx(0.55)
+  assert w["se"] == pytest.approx(np.std(x, ddof=1) / 10)
+  lo, hi = w["ci95"]
+  assert lo < 0.55 < hi and hi - lo == pytest.approx(2 * 1.96 * w["se"], rel=0.15)  # ~normal at n = 100
+  with pytest.raises(ValueError, match="outcomes"):
+    bootstrap.win_tie_loss([1.0, 0.7])
+  with pytest.raises(ValueError, match="outcomes"):
+    bootstrap.win_tie_loss([])

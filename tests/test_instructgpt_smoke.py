@@ -53,6 +53,12 @@ def test_instructgpt_smoke_pipeline(main_run, monkeypatch, capsys):
   for name in ("sft", "ppo", "ppo_ptx"):
     assert finite(summary["models"][name]["kl_to_sft"])
   assert summary["models"]["sft"]["win_rate_vs_sft_gold"] == 0.5
+  n = summary["settings"]["n_eval_prompts"]
+  for name in ("pretrained", "ppo", "ppo_ptx"):   # wins / ties / losses against SFT, and a CI
+    w = summary["models"][name]["vs_sft_gold"]
+    assert w["wins"] + w["ties"] + w["losses"] == n and w["ci95"][0] <= w["win_rate"] <= w["ci95"][1]
+  pairs = summary["pairwise_gold"]
+  assert len(pairs) == 10 and pairs["sft vs ppo"]["wins"] == summary["models"]["ppo"]["vs_sft_gold"]["losses"]
   assert 0.0 <= summary["rm"]["heldout_accuracy"] <= 1.0
   bon = summary["rm"]["best_of_n_sft"]
   for key in ("gold_mean_sample", "gold_best_of_n_rm", "gold_best_of_n_oracle"):

@@ -222,14 +222,14 @@ def test_local_ctrl_c_stops_every_process(tmp_path):
                               cwd=common.REPO, stdout=subprocess.PIPE, text=True, start_new_session=True)
   try:
     pids = []
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120   # generous: CI machines are shared (a timeout here is not the behaviour under test)
     while len(pids) < 2 and time.monotonic() < deadline:
       line = launcher.stdout.readline()
       if " pid " in line:
         pids.append(int(line.split()[-1]))
     assert len(pids) == 2
     launcher.send_signal(signal.SIGINT)
-    assert launcher.wait(timeout=30) != 0
+    assert launcher.wait(timeout=120) != 0
   finally:
     if launcher.poll() is None:
       launcher.kill()

@@ -1,7 +1,8 @@
 """Evaluates every model of an InstructGPT pipeline run and writes summary.json, a table and plots.
 
 Models: pretrained, pretrained_large (pretraining only), sft, ppo, ppo_ptx — each sampled on the
-same held-out prompts with the same settings, judged by the gold labeler (never used in
+same held-out prompts with the same settings but its own PRNG key (independent samples: a shared key
+would make two similar policies tie on most prompts), judged by the gold labeler (never used in
 training except to label comparisons), the RM, KL to SFT and held-out pretraining loss; Elo
 ratings from all pairwise gold comparisons; the paper's claims checked with their numbers.
 """
@@ -14,7 +15,7 @@ import jax
 import ml_collections as mlc
 
 from rlhf_jax.data import lm_data, synthetic
-from rlhf_jax.eval import elo, plots, policy_eval, report, rm_diagnostics
+from rlhf_jax.eval import bootstrap, elo, plots, policy_eval, report, rm_diagnostics
 from rlhf_jax.model import gpt, heads
 from rlhf_jax.train import loop, stages
 
@@ -36,10 +37,10 @@ def evaluate_all(config, workdir: str, stage_results: dict) -> dict:
 
   loaded, responses = {}, {}
   rng = jax.random.PRNGKey(int(config.seed) + 99)
-  for name, stage in MODELS.items():
+  for i, (name, stage) in enumerate(MODELS.items()):
     _, cfg, tok, params = stages.load_stage(join(stage))
     loaded[name] = (cfg, tok, params)
-    responses[name] = policy_eval.sample_policy(cfg, params, tok, prompts, rng, settings)
+    responses[name] = policy_eval.sample_policy(cfg, params, tok, prompts, jax.random.fold_in(rng, i), settings)
     print(f"sampled {name}: {responses[name][:3]}")
   sft_cfg, sft_tok, sft_params = loaded["sft"]
 
@@ -50,7 +51,7 @@ def evaluate_all(config, workdir: str, stage_results: dict) -> dict:
         name, cfg, params, tok, prompts, responses[name], ref_params=sft_params if same_vocab and
         cfg.d_model == sft_cfg.d_model and cfg.n_layer == sft_cfg.n_layer else None,
         sft_responses=responses["sft"], rm=(rm_cfg, rm_params, rm_info["reward_offset"]),
-        pretrain_val_rows=val_rows[:256], max_len=max_len, temperature=ev.temperature)
+        pretrain_val_rows=val_rows[:256], max_len=max_len, temperature=ev.temperature, per_prompt=True)
     m["num_params"] = gpt.num_params(params)
     models[name] = m
 
@@ -62,13 +63,15 @@ def evaluate_all(config, workdir: str, stage_results: dict) -> dict:
                                  jax.random.PRNGKey(int(config.seed) + 123), n=ev.best_of_n,
                                  temperature=ev.temperature, max_prompt_len=ev.max_prompt_len,
                                  max_new_tokens=ev.max_new_tokens)
-  ratings = elo.fit_elo(list(MODELS), elo.gold_matches(prompts, responses), anchor="sft")
+  matches = elo.gold_matches(prompts, responses)
+  ratings = elo.fit_elo(list(MODELS), matches, anchor="sft")
   histories = {n: loop.read_metrics(join(n)) for n in stage_results if n.startswith(("ppo", "beta_"))}
   summary = {
       "models": models,
       "rm": {"heldout_accuracy": rm_acc, "noise_temperature": float(config.stages.rm.label.noise_temperature),
              "train": stage_results.get("rm", {}).get("result"), "best_of_n_sft": bon},
       "elo": {k: ratings[k] for k in ("ratings", "se", "method", "anchor")},
+      "pairwise_gold": pairwise(matches),
       "beta_sweep": {float(n.split("_", 1)[1]): histories[n] for n in histories if n.startswith("beta_")},
       "stage_seconds": {n: r.get("seconds") for n, r in stage_results.items()},
       "settings": {"n_eval_prompts": ev.n_prompts, "temperature": ev.temperature},
@@ -77,6 +80,22 @@ def evaluate_all(config, workdir: str, stage_results: dict) -> dict:
   summary["_histories"] = {"rm": loop.read_metrics(join("rm")), "ppo": histories.get("ppo", []),
                            "ppo_ptx": histories.get("ppo_ptx", [])}
   return summary
+
+
+def pairwise(matches) -> dict:
+  """{"a vs b": `bootstrap.win_tie_loss` of a's per-prompt outcomes against b} for every model pair of
+  `elo.gold_matches` (a listed first: MODELS order)."""
+  by_pair = {}
+  for a, b, outcome in matches:
+    by_pair.setdefault(f"{a} vs {b}", []).append(outcome)
+  return {k: bootstrap.win_tie_loss(v) for k, v in by_pair.items()}
+
+
+def format_pairwise(pairs: dict) -> str:
+  rows = ["| pair | wins | ties | losses | win rate (ties ½) | 95% CI |", "|---|---|---|---|---|---|"]
+  rows += [f"| {k} | {w['wins']} | {w['ties']} | {w['losses']} | {w['win_rate']:.3f} | "
+           f"[{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}] |" for k, w in pairs.items()]
+  return "\n".join(rows)
 
 
 def _bon_line(b: dict) -> str:
@@ -96,7 +115,8 @@ def write(summary: dict, workdir: str) -> None:
   if summary["beta_sweep"]:
     plots.plot_beta_sweep(summary["beta_sweep"], p("beta_sweep.png"), x="step")
   table = report.format_table(summary)
-  lines = [table, "", "Elo (Bradley-Terry, SFT = 1000): " + ", ".join(
+  lines = [table, "", "Gold pairwise (each model its own samples; 95% percentile bootstrap over prompts):",
+           format_pairwise(summary["pairwise_gold"]), "", "Elo (Bradley-Terry, SFT = 1000): " + ", ".join(
       f"{k} {v:.0f}" for k, v in summary["elo"]["ratings"].items()),
       f"RM held-out pairwise accuracy: {summary['rm']['heldout_accuracy']:.3f}", _bon_line(summary["rm"]["best_of_n_sft"]),
       "", "Claims:"]

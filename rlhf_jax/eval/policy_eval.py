@@ -28,6 +28,7 @@ import numpy as np
 from rlhf_jax import generation
 from rlhf_jax.data import batching, gold, pipeline
 from rlhf_jax.data.tokenizer import Tokenizer
+from rlhf_jax.eval import bootstrap
 from rlhf_jax.losses import ppo as ppo_losses
 from rlhf_jax.losses.lm import lm_loss, token_logprobs
 from rlhf_jax.model import gpt, heads
@@ -240,9 +241,10 @@ def evaluate_policy(name: str, cfg, params, tok: Tokenizer, prompt_records: Sequ
 
   Returns a JSON-serialisable dict:
     name, n_prompts;
-    gold_mean, gold_se (std / sqrt(n)), gold_by_family {family: mean}, n_by_family {family: n};
+    gold_mean, gold_se (std / sqrt(n)), gold_ci95 ([low, high], percentile bootstrap over prompts), gold_by_family {family: mean}, n_by_family {family: n};
     win_rate_vs_sft_gold: mean of gold.compare(policy, sft) (1 win, 0.5 tie, 0 loss);
-    tie_rate_vs_sft_gold; win_rate_vs_sft_rm: same with RM scores;
+    tie_rate_vs_sft_gold; vs_sft_gold: wins / ties / losses, SE and 95% bootstrap CI over prompts
+      (`bootstrap.win_tie_loss`); win_rate_vs_sft_rm: the win rate with RM scores;
     rm_score_mean, rm_score_se;
     kl_to_sft: mean per-sequence sum of log pi - log pi_sft over the response (+EOS) tokens of the
       policy's own samples; kl_to_sft_per_token: mean over sequences of that sum / token count;
@@ -270,16 +272,20 @@ def evaluate_policy(name: str, cfg, params, tok: Tokenizer, prompt_records: Sequ
       raise ValueError(f"{_WHERE}: evaluate_policy({name!r}): prompt record {i}: {e}") from None
   scores = np.array([gold.score(t, r) for t, r in zip(tasks, responses)], np.float64)
 
-  out: dict[str, Any] = {"name": name, "n_prompts": n, "gold_mean": _mean(scores), "gold_se": _se(scores)}
+  out: dict[str, Any] = {"name": name, "n_prompts": n, "gold_mean": _mean(scores), "gold_se": _se(scores),
+                         "gold_ci95": list(bootstrap.mean_ci(scores)) if n else None}
   fams = sorted({t.family for t in tasks})
   out["gold_by_family"] = {f: _mean([s for s, t in zip(scores, tasks) if t.family == f]) for f in fams}
   out["n_by_family"] = {f: sum(t.family == f for t in tasks) for f in fams}
 
   out["win_rate_vs_sft_gold"] = out["tie_rate_vs_sft_gold"] = out["win_rate_vs_sft_rm"] = None
+  out["vs_sft_gold"] = None
   if sft_responses is not None:
     cmp = np.array([gold.compare(t, r, s) for t, r, s in zip(tasks, responses, sft_responses)])
     out["win_rate_vs_sft_gold"] = _mean(cmp)
     out["tie_rate_vs_sft_gold"] = _mean(cmp == 0.5)
+    if n:
+      out["vs_sft_gold"] = bootstrap.win_tie_loss(cmp)
 
   out["rm_score_mean"] = out["rm_score_se"] = None
   if rm is not None:

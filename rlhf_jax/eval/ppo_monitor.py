@@ -4,7 +4,8 @@ The gold labeler is used here only to *measure* the policy (never in a training 
 human evaluation was in InstructGPT. On real data (`gold=False`) there is no gold labeler: the
 metrics are the RM's score and its win rate against SFT, KL to SFT and the pretraining loss.
 Each call samples the same prompts with the same rng, so successive evaluations differ only
-through the policy.
+through the policy; the SFT reference responses are drawn once with another key (independent samples:
+a shared key would make the policy tie with SFT wherever it has barely moved).
 """
 from __future__ import annotations
 
@@ -29,11 +30,12 @@ class Monitor:
     self.max_len = max_prompt_len + max_new_tokens + 1
     self.rng = jax.random.PRNGKey(seed + 12345)
     self.gold = gold
-    self.sft_responses = self.sample(sft_params)
-    self.initial = self.metrics(sft_params, self.sft_responses)  # the same rng: no second SFT sampling pass
+    self.sft_responses = self.sample(sft_params, jax.random.fold_in(self.rng, 1))
+    self.initial = self(sft_params)  # SFT's own fresh samples against the reference ones: win rate ~0.5
 
-  def sample(self, params) -> list[str]:
-    return policy_eval.sample_policy(self.cfg, params, self.tok, self.records, self.rng, self.settings)
+  def sample(self, params, rng=None) -> list[str]:
+    rng = self.rng if rng is None else rng
+    return policy_eval.sample_policy(self.cfg, params, self.tok, self.records, rng, self.settings)
 
   def __call__(self, params) -> dict[str, float]:
     return self.metrics(params, self.sample(params))

@@ -48,11 +48,21 @@ def _gold(m: Mapping) -> str:
   return g if m.get("gold_se") is None or g == "-" else f"{g} ± {m['gold_se']:.3f}"
 
 
+def _ci(w: Mapping | None) -> str:
+  return "-" if not w else f"[{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}]"
+
+
+def _wtl(w: Mapping | None) -> str:
+  return "-" if not w else f"{w['wins']} / {w['ties']} / {w['losses']}"
+
+
 Column = tuple[str, Callable[[Mapping], str]]
 COLUMNS: tuple[Column, ...] = (
     ("params", lambda m: _params(m.get("num_params"))),
     ("gold ± SE", _gold),
     ("win vs SFT (gold)", lambda m: _num(m.get("win_rate_vs_sft_gold"))),
+    ("95% CI", lambda m: _ci(m.get("vs_sft_gold"))),
+    ("W / T / L", lambda m: _wtl(m.get("vs_sft_gold"))),
     ("win vs SFT (RM)", lambda m: _num(m.get("win_rate_vs_sft_rm"))),
     ("RM score", lambda m: _num(m.get("rm_score_mean"))),
     ("KL", lambda m: _num(m.get("kl_to_sft"))),
@@ -91,9 +101,13 @@ def _claim(text: str, holds: bool = False, evaluated: bool = True, reason: str =
           "numbers": numbers}
 
 
+def _role_name(summary: Mapping, role: str) -> str:
+  return {**DEFAULT_ROLES, **summary.get("roles", {})}[role]
+
+
 def _get(summary: Mapping, role: str, metric: str):
   """(value, missing-reason) of `metric` for the model playing `role`."""
-  name = {**DEFAULT_ROLES, **summary.get("roles", {})}[role]
+  name = _role_name(summary, role)
   m = _models(summary).get(name)
   if m is None:
     return None, f"no model {name!r} (role {role!r}) in the summary"
@@ -133,10 +147,15 @@ def _claim_rm_accuracy(summary, threshold: float) -> dict:
 
 
 def _claim_ppo_beats_sft(summary, threshold: float) -> dict:
-  text = f"(c) PPO beats SFT: gold win rate vs SFT > {threshold:.2f}"
+  text = f"(c) PPO beats SFT: gold win rate vs SFT > {threshold:.2f}, its 95% CI above 0.5"
   (win,), missing = _need(summary, ("ppo", "win_rate_vs_sft_gold"))
   if missing:
     return _claim(text, evaluated=False, reason=missing)
+  wtl = _models(summary)[_role_name(summary, "ppo")].get("vs_sft_gold") or {}
+  ci = wtl.get("ci95")
+  stats = {k: wtl[k] for k in ("wins", "ties", "losses") if k in wtl}
+  if ci is not None:
+    stats.update(ci_low=float(ci[0]), ci_high=float(ci[1]))
   bon = (summary.get("rm") or {}).get("best_of_n_sft") or {}
   extra = {k: bon[k] for k in ("gold_mean_sample", "gold_best_of_n_rm", "gold_best_of_n_oracle",
                                "onpolicy_pair_accuracy") if bon.get(k) is not None}
@@ -146,12 +165,13 @@ def _claim_ppo_beats_sft(summary, threshold: float) -> dict:
     reason = (f"RM on SFT's own samples: its best-of-n pick scores {extra['gold_best_of_n_rm']:.3f} on gold vs "
               f"{extra['gold_mean_sample']:.3f} for a random sample and {extra['gold_best_of_n_oracle']:.3f} for "
               f"gold's pick; it orders {extra['onpolicy_pair_accuracy']:.1%} of gold-distinct sample pairs right")
-  return _claim(text, win > threshold, reason=reason, win_rate_vs_sft_gold=win, threshold=threshold, **extra)
+  holds = win > threshold and (ci is None or ci[0] > 0.5)
+  return _claim(text, holds, reason=reason, win_rate_vs_sft_gold=win, threshold=threshold, **stats, **extra)
 
 
-def _claim_ptx(summary, keep: float) -> dict:
-  text = (f"(d) PPO-ptx keeps >= {keep:.0%} of PPO's gold gain over SFT and regresses the held-out "
-          "pretraining loss less than PPO")
+def _claim_ptx(summary, n_se: float) -> dict:
+  text = (f"(d) PPO-ptx keeps PPO's gold gain over SFT (gold within {n_se:g} SE of PPO's) with a lower held-out "
+          "pretraining loss than PPO")
   (g_sft, g_ppo, g_ptx, l_sft, l_ppo, l_ptx), missing = _need(
       summary, ("sft", "gold_mean"), ("ppo", "gold_mean"), ("ppo_ptx", "gold_mean"),
       ("sft", "pretrain_val_loss"), ("ppo", "pretrain_val_loss"), ("ppo_ptx", "pretrain_val_loss"))
@@ -159,11 +179,18 @@ def _claim_ptx(summary, keep: float) -> dict:
     return _claim(text, evaluated=False, reason=missing)
   gain_ppo, gain_ptx = g_ppo - g_sft, g_ptx - g_sft
   tax_ppo, tax_ptx = l_ppo - l_sft, l_ptx - l_sft
-  keeps = gain_ptx >= keep * gain_ppo
+  # The SE of PPO-ptx's gold mean minus PPO's, paired over prompts when per-prompt scores are there.
+  ppo_m, ptx_m = (_models(summary)[_role_name(summary, r)] for r in ("ppo", "ppo_ptx"))
+  if ppo_m.get("gold_per_prompt") and ptx_m.get("gold_per_prompt"):
+    d = np.asarray(ptx_m["gold_per_prompt"], np.float64) - np.asarray(ppo_m["gold_per_prompt"], np.float64)
+    se = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else 0.0
+  else:
+    se = float(math.hypot(ppo_m.get("gold_se") or 0.0, ptx_m.get("gold_se") or 0.0))
+  keeps = g_ptx >= g_ppo - n_se * se
   reason = "" if gain_ppo > 0 else "PPO itself has no gold gain over SFT, so 'keeping' it is vacuous"
-  return _claim(text, keeps and tax_ptx < tax_ppo and gain_ppo > 0, reason=reason, gold_gain_ppo=gain_ppo,
-                gold_gain_ptx=gain_ptx, keep_fraction=keep, loss_regression_ppo=tax_ppo,
-                loss_regression_ptx=tax_ptx)
+  return _claim(text, keeps and l_ptx < l_ppo and gain_ppo > 0, reason=reason, gold_gain_ppo=gain_ppo,
+                gold_gain_ptx=gain_ptx, gold_diff_se=se, n_se=n_se, pretrain_loss_ppo=l_ppo,
+                pretrain_loss_ptx=l_ptx, loss_regression_ppo=tax_ppo, loss_regression_ptx=tax_ptx)
 
 
 def _claim_small_beats_large(summary, ratio: float) -> dict:
@@ -217,14 +244,14 @@ def _claim_overoptimisation(summary, margin: float, rm_key: str, gold_key: str) 
 
 
 def check_claims(summary: Mapping, *, rm_accuracy_threshold: float = 0.70, win_threshold: float = 0.6,
-                 ptx_keep_fraction: float = 0.5, size_ratio: float = 4.0, overopt_margin: float = 0.02,
+                 ptx_within_se: float = 1.0, size_ratio: float = 4.0, overopt_margin: float = 0.02,
                  rm_key: str = "ppo/score", gold_key: str = "eval/gold_mean") -> dict:
   """The InstructGPT claims (a)-(f) on a summary (module docstring); keys a..f -> claim dicts."""
   return {
       "a_sft_beats_pretrained": _claim_sft_beats_pretrained(summary),
       "b_rm_heldout_accuracy": _claim_rm_accuracy(summary, rm_accuracy_threshold),
       "c_ppo_beats_sft": _claim_ppo_beats_sft(summary, win_threshold),
-      "d_ptx_keeps_gain_with_less_tax": _claim_ptx(summary, ptx_keep_fraction),
+      "d_ptx_keeps_gain_with_less_tax": _claim_ptx(summary, ptx_within_se),
       "e_small_aligned_beats_large_pretrained": _claim_small_beats_large(summary, size_ratio),
       "f_overoptimisation_at_small_beta": _claim_overoptimisation(summary, overopt_margin, rm_key, gold_key),
   }
