@@ -99,6 +99,7 @@ def stream_reply(params, cfg, tok: Tokenizer, prompt_ids: Sequence[int], rng, *,
   toks = np.full((1, prompt_len), tok.pad_id, np.int32)
   mask = np.zeros((1, prompt_len), np.int32)
   toks[0, prompt_len - len(prompt_ids):], mask[0, prompt_len - len(prompt_ids):] = prompt_ids, 1
+  params = sampling.decode_layout(params, cfg)   # once per reply, not once per token
   state = sampling.prefill(params, cfg, toks, mask, rng, max_new_tokens=max_new_tokens, temperature=temperature,
                            eos_id=tok.eos_id, pad_id=tok.pad_id, spec=spec)
   ids, shown = [], ""

@@ -28,8 +28,8 @@ Public API:
   sequence_logprobs(params, config, tokens, mask, temperature=1.0, dropout_rng=None) -> [B,T-1]
   beam_search(params, config, prompt_tokens, prompt_mask, *, beam_width, max_new_tokens, eos_id,
               pad_id, length_penalty=1.0) -> dict
-  Building blocks for streaming: SamplingSpec, prefill(...) -> state, decode_step(...) -> state,
-  outputs(state) -> dict, filter_logits(logits, top_k, top_p).
+  Building blocks for streaming: SamplingSpec, decode_layout(params) (once per stream), prefill(...) -> state,
+  decode_step(...) -> state, outputs(state) -> dict, filter_logits(logits, top_k, top_p).
 """
 from __future__ import annotations
 
@@ -313,9 +313,20 @@ def prefill(params, config, prompt_tokens, prompt_mask, rng, *, max_new_tokens: 
                       eos, pad, int(max_new_tokens), spec)
 
 
+_decode_params_jit = jax.jit(gpt.decode_params, static_argnums=(1,))
+
+
+def decode_layout(params, config):
+  """The params in the decoding layout (`gpt.decode_params`: blocks split per layer, the unembedding
+  transposed), computed once on device. Pass the result to `prefill` / `decode_step` in a streaming
+  loop: with stacked params each jitted step would re-slice every weight (an idempotent no-op here)."""
+  return _decode_params_jit(params, _config(config))
+
+
 def decode_step(params, config, state: State, *, spec: SamplingSpec = SamplingSpec()) -> State:
   """Streaming building block: feeds the latest token and samples the next one (jitted; the
-  input state's buffers are donated, so do not reuse it)."""
+  input state's buffers are donated, so do not reuse it). params: best `decode_layout(params)`,
+  computed once per stream (stacked params work too, at the cost of a per-step weight copy)."""
   n = state["tokens"].shape[1]
   if _concrete(state["step"]) and int(state["step"]) >= n - 1:
     raise ValueError(f"{_WHERE}:decode_step: state already holds all max_new_tokens={n} tokens")

@@ -184,6 +184,15 @@ def test_prefill_decode_step_stream_equals_generate():
     np.testing.assert_allclose(np.asarray(streamed[k]), ref[k], atol=1e-6, err_msg=k)
   with pytest.raises(ValueError, match="already holds all"):
     sampling.decode_step(PARAMS, CFG, state, spec=spec)
+  # The decoding layout, computed once per stream (as chat does), gives the same stream.
+  dec = sampling.decode_layout(PARAMS, CFG)
+  assert isinstance(dec["blocks"], tuple) and sampling.decode_layout(dec, CFG)["blocks"] is not None
+  state = sampling.prefill(dec, CFG, toks, mask, jax.random.PRNGKey(4), max_new_tokens=N,
+                           temperature=0.8, eos_id=5, pad_id=PAD, spec=spec)
+  for _ in range(N - 1):
+    state = sampling.decode_step(dec, CFG, state, spec=spec)
+  for k, v in sampling.outputs(state).items():
+    np.testing.assert_allclose(np.asarray(v), np.asarray(streamed[k]), atol=1e-6, err_msg=k)
 
 
 def test_bad_inputs_raise():
