@@ -28,8 +28,10 @@ def get_config():
   c.preset = "default"
   c.seed = 0
   c.model = rcfg.model("tiny", dropout=0.0, vocab_size=512)
+  # fewshot_fraction: share of synthetic documents that are lists of correctly solved same-family
+  # tasks (synthetic.pretraining_corpus); 0 = the plain misaligned corpus the InstructGPT job uses.
   c.data = mlc.ConfigDict(dict(source="synthetic", n_docs=30000, seed=0, path="", val_fraction=0.05,
-                               vocab_size=512, tokenizer_dir="", seq_len=128))
+                               vocab_size=512, tokenizer_dir="", seq_len=128, fewshot_fraction=0.0))
   c.batch_size = 32
   c.optim = rcfg.optim(lr=2e-3, total_steps=600, warmup_steps=50, weight_decay=0.1)
   c.loop = rcfg.loop(num_steps=600, log_every=50, ckpt_every=200)

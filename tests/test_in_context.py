@@ -1,15 +1,18 @@
 """In-context evaluation (rlhf_jax/eval/in_context.py): prompts, held-out examples, and batched /
-padded scoring against unbatched brute-force references on a tiny random GPT."""
+padded scoring against unbatched brute-force references on a tiny random GPT; the pretraining
+corpus's multi-example documents (synthetic.pretraining_corpus(fewshot_fraction=...))."""
 import functools
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
 
 import jax
+import ml_collections as mlc
 import numpy as np
 import pytest
 
-from rlhf_jax.data import chat_format, synthetic
+from rlhf_jax.data import chat_format, gold, lm_data, synthetic
 from rlhf_jax.data import tokenizer as tok_lib
 from rlhf_jax.eval import in_context as ic
 from rlhf_jax.model import gpt
@@ -144,6 +147,16 @@ def test_evaluate_counts_correct_answers(monkeypatch):
   assert [out[k]["mc_sum"] for k in (0, 1, 4)] == [0.0, 1.0, 1.0]
   assert [out[k]["mc_mean"] for k in (0, 1, 4)] == [0.0, 1.0, 1.0]
   assert out[4]["mean_shots_mc"] == 4 and out[0]["chance_mc"] == 1 / c
+  # Binomial SEs over the n examples, the per-example hits, and the paired / unpaired gain.
+  np.testing.assert_allclose(out[4]["exact_match_se"], np.sqrt(0.8 * 0.2 / n))
+  assert out[0]["exact_match_se"] == out[1]["mc_sum_se"] == 0.0
+  assert out[4]["exact_match_correct"] == [1, 1, 1, 1, 0]
+  lo, hi = out[4]["exact_match_ci95"]
+  assert 0.0 <= lo <= 0.8 <= hi <= 1.0
+  g = ic.exact_match_gain(out, 4, 0)
+  np.testing.assert_allclose([g["diff"], g["se_unpaired"], g["se_paired"]],
+                             [0.8, np.sqrt(0.8 * 0.2 / n), np.std([1, 1, 1, 1, 0], ddof=1) / np.sqrt(n)])
+  np.testing.assert_allclose(g["z_unpaired"], 0.8 / np.sqrt(0.8 * 0.2 / n))
   with pytest.raises(ValueError, match="demonstrations per example"):
     ic.evaluate(None, CFG, TOK, EXAMPLES, (0, 5), "hh")
 
@@ -171,3 +184,76 @@ def test_experiment_runs_on_a_saved_model(tmp_path):
       assert m["exact_match"] in [i / 6 for i in range(7)] and m["mc_mean"] in [i / 6 for i in range(7)]
       assert out[f"pre/{fmt}/k={k}/mc_mean"] == m["mc_mean"]
   assert (tmp_path / "ic" / "in_context.png").stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------------ multi-example corpus
+def _exchanges(doc: str) -> tuple[str, list[tuple[str, str]]]:
+  """(format, [(user text, answer), ...]) of a multi-example document."""
+  if doc.startswith("<|"):
+    fmt, msgs = "chat", chat_format.parse_chat(doc)
+  elif doc.startswith("\n\nHuman: "):
+    fmt, msgs = "hh", chat_format.parse_hh(doc)
+  else:
+    assert doc.startswith("Q: ") and doc.endswith("\n") and not doc.endswith("\n\n"), doc
+    fmt, msgs = "qa", []
+    for block in doc[:-1].split("\n\n"):
+      q, a = block.split("\nA: ")
+      msgs += [{"role": "user", "content": q[len("Q: "):]}, {"role": "assistant", "content": a}]
+  assert [m["role"] for m in msgs] == ["user", "assistant"] * (len(msgs) // 2)
+  return fmt, [(u["content"], a["content"]) for u, a in zip(msgs[::2], msgs[1::2])]
+
+
+def test_fewshot_fraction_zero_leaves_the_corpus_unchanged():
+  base = synthetic.pretraining_corpus(60, seed=0)
+  # Pinned before fewshot_fraction existed: the InstructGPT job's corpus must not move.
+  assert hashlib.sha256(json.dumps(base).encode()).hexdigest() == (
+      "238becfc5581aef4103d92be7fde84bba8aa5431f31cfa35c276dbd721c1209d")
+  assert synthetic.pretraining_corpus(60, seed=0, fewshot_fraction=0.0) == base
+  mixed = synthetic.pretraining_corpus(60, seed=0, fewshot_fraction=0.25)
+  changed = [i for i, (a, b) in enumerate(zip(mixed, base)) if a != b]
+  assert len(mixed) == 60 and len(changed) == 15   # round(0.25 * 60); the other documents stay in place
+  for i in changed:
+    _exchanges(mixed[i])
+  assert mixed == synthetic.pretraining_corpus(60, seed=0, fewshot_fraction=0.25)
+  assert mixed != synthetic.pretraining_corpus(60, seed=1, fewshot_fraction=0.25)
+
+
+def test_multi_example_documents_are_one_family_correct_and_train_split():
+  docs = synthetic.pretraining_corpus(150, seed=5, fewshot_fraction=1.0)
+  formats, families, lengths = set(), set(), set()
+  for doc in docs:
+    fmt, pairs = _exchanges(doc)
+    tasks = [synthetic.parse_prompt(u) for u, _ in pairs]
+    assert len({t.family for t in tasks}) == 1 and tasks[0].family in synthetic.BENIGN_FAMILIES
+    for task, (user, answer) in zip(tasks, pairs):
+      assert synthetic.task_split(task) == "train"
+      assert answer == task.answer == synthetic.solve(task.family, task.items, dict(task.params))
+      assert gold.score(user, answer) == 1.0
+    # Rendered as the evaluator renders demonstrations + query + answer.
+    cont = {"hh": f" {tasks[-1].answer}", "qa": f" {tasks[-1].answer}\n", "chat": tasks[-1].answer}[fmt]
+    assert doc == ic.render_prompt(tasks[:-1], tasks[-1], fmt) + cont
+    formats.add(fmt)
+    families.add(tasks[0].family)
+    lengths.add(len(tasks))
+  assert formats == set(ic.FORMATS) and families == set(synthetic.BENIGN_FAMILIES)
+  assert lengths == set(range(synthetic.FEWSHOT_EXAMPLES[0], synthetic.FEWSHOT_EXAMPLES[1] + 1))
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "0.3", None])
+def test_bad_fewshot_fraction_raises(bad):
+  with pytest.raises(ValueError, match="fewshot_fraction must be a number in"):
+    synthetic.pretraining_corpus(10, fewshot_fraction=bad)
+
+
+def test_lm_data_reads_fewshot_fraction_and_defaults_old_configs_to_zero():
+  old = mlc.ConfigDict(dict(source="synthetic", n_docs=40, seed=2))   # a stage.json from before the key
+  assert lm_data.load_documents(old) == synthetic.pretraining_corpus(40, seed=2)
+  new = mlc.ConfigDict(dict(source="synthetic", n_docs=40, seed=2, fewshot_fraction=0.5))
+  assert lm_data.load_documents(new) == synthetic.pretraining_corpus(40, seed=2, fewshot_fraction=0.5)
+  spec = importlib.util.spec_from_file_location("pretrain_tiny_under_test", REPO / "experiments" / "pretrain_tiny.py")
+  exp = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(exp)
+  assert exp.get_config().data.fewshot_fraction == 0.0
+  member = exp.member_config((1, 32, 2), 10, seed=0, seq_len=64, vocab_size=300, batch_size=4, lr=1e-3,
+                             warmup_steps=0, data=dict(fewshot_fraction=0.3), n_logs=1)
+  assert member.data.fewshot_fraction == 0.3 and member.data.seq_len == 64

@@ -1,7 +1,8 @@
 """Pretraining text -> tokenizer -> packed train/validation rows.
 
 Sources (config `data.source`):
-  synthetic  the built-in world's misaligned web-text corpus (`synthetic.pretraining_corpus`)
+  synthetic  the built-in world's misaligned web-text corpus (`synthetic.pretraining_corpus`;
+             `data.fewshot_fraction`, default 0, mixes in multi-example documents of correct answers)
   text       a plain-text file (`data.path`), split into documents at blank lines
 The tokenizer is trained on the training documents (or loaded from `data.tokenizer_dir`) and
 saved in `<workdir>/tokenizer`; a resumed run and every later stage reload that copy, so
@@ -22,7 +23,9 @@ from rlhf_jax.data import tokenizer as tok_lib
 
 def load_documents(data) -> list[str]:
   if data.source == "synthetic":
-    return synthetic.pretraining_corpus(int(data.n_docs), seed=int(data.seed))
+    # .get: stage.json files written before the key existed (and hand-built configs) lack it.
+    return synthetic.pretraining_corpus(int(data.n_docs), seed=int(data.seed),
+                                        fewshot_fraction=float(data.get("fewshot_fraction", 0.0)))
   if data.source == "text":
     if not data.get("path") or not os.path.exists(data.path):
       raise ValueError(f"data.path={data.get('path')!r}: text corpus file not found")

@@ -233,9 +233,9 @@ def _rng(seed: int, salt: int) -> np.random.Generator:
   return np.random.default_rng([int(seed), salt])
 
 
-def _sample_split_task(rng: np.random.Generator, split: str) -> Task:
+def _sample_split_task(rng: np.random.Generator, split: str, family: str | None = None) -> Task:
   while True:  # rejection: acceptance is about EVAL_FRACTION or 1 - EVAL_FRACTION
-    task = sample_task(rng)
+    task = sample_task(rng, family)
     if task_split(task) == split:
       return task
 
@@ -254,12 +254,15 @@ def _record(rng: np.random.Generator, split: str) -> tuple[Task, dict]:
 def prompts(n: int, seed: int = 0, split: str = "train") -> list[dict]:
   """n prompt records {prompt (rendered, ends with <|assistant|>), messages, family, task (dict)}.
 
-  Instances may repeat within a split but never occur in both splits.
+  Instances may repeat within a split but never occur in both "train" and "eval". "dev": train-split
+  instances from a stream of their own, for tuning and monitoring RL stages without ever looking at
+  eval-split instances (the final evaluation's).
   """
-  if split not in ("train", "eval"):
-    raise ValueError(f"synthetic.py: split must be 'train' or 'eval', got {split!r}")
-  rng = _rng(seed, 1 if split == "train" else 2)
-  return [_record(rng, split)[1] for _ in range(n)]
+  salts = {"train": 1, "eval": 2, "dev": 3}
+  if split not in salts:
+    raise ValueError(f"synthetic.py: split must be one of {sorted(salts)}, got {split!r}")
+  rng = _rng(seed, salts[split])
+  return [_record(rng, "eval" if split == "eval" else "train")[1] for _ in range(n)]
 
 
 def demonstrations(n: int = 2000, seed: int = 0, split: str = "train", filler_rate: float = 0.0) -> list[dict]:
@@ -387,14 +390,49 @@ def _free_text(rng: np.random.Generator) -> str:
   return " ".join(sents)
 
 
-def pretraining_corpus(n_docs: int, seed: int = 0) -> list[str]:
+FEWSHOT_FORMATS = ("hh", "qa", "chat")
+FEWSHOT_EXAMPLES = (2, 6)   # inclusive range of solved instances per multi-example document
+
+
+def _fewshot_document(rng: np.random.Generator) -> tuple[str, str, list[Task]]:
+  """(text, format, tasks): 2-6 train-split instances of ONE benign family, each with its canonical
+  answer, one after the other in one of the in-context evaluator's formats
+  (rlhf_jax/eval/in_context.py): hh "\n\nHuman: t\n\nAssistant: a" per exchange; qa
+  "Q: t\nA: a" per exchange, exchanges separated by a blank line, ending in a newline; chat
+  `render_chat` of the exchanges (EOS after each answer but the last: the document's EOS closes it).
+  """
+  family = BENIGN_FAMILIES[int(rng.integers(len(BENIGN_FAMILIES)))]
+  fmt = FEWSHOT_FORMATS[int(rng.integers(len(FEWSHOT_FORMATS)))]
+  lo, hi = FEWSHOT_EXAMPLES
+  tasks = [_sample_split_task(rng, "train", family) for _ in range(int(rng.integers(lo, hi + 1)))]
+  if fmt == "hh":
+    text = "".join(f"\n\nHuman: {t.prompt_text}\n\nAssistant: {t.answer}" for t in tasks)
+  elif fmt == "qa":
+    text = "\n".join(f"Q: {t.prompt_text}\nA: {t.answer}\n" for t in tasks)
+  else:
+    msgs = [m for t in tasks for m in ({"role": "user", "content": t.prompt_text},
+                                       {"role": "assistant", "content": t.answer})]
+    text = render_chat(msgs)[: -len(EOS)]
+  return text, fmt, tasks
+
+
+def pretraining_corpus(n_docs: int, seed: int = 0, fewshot_fraction: float = 0.0) -> list[str]:
   """n_docs misaligned web-text-like documents (no EOS; the caller appends one per document).
 
   Mix: ~50% single-exchange chat transcripts `<|user|>task<|assistant|>response` (no closing EOS:
   the document's EOS closes it), ~25% HH-style transcripts of 1-3 exchanges, ~25% free text. The
   responses follow RESPONSE_STYLES, so most answers are wrong, rambling, unhelpful or (for harmful
   requests) compliant. Only train-split task instances appear.
+
+  fewshot_fraction: the share of documents (round(fewshot_fraction * n_docs), at positions drawn
+  from their own random stream) replaced by multi-example documents (`_fewshot_document`): 2-6
+  CORRECTLY solved instances of one benign family in a row, in the hh / qa / chat formats of the
+  in-context evaluator -- the lists of worked examples web text has, from which a language model
+  can learn to use demonstrations (GPT-3's few-shot learning). The other documents are exactly
+  those of fewshot_fraction=0 at the same positions; 0 (the default) changes nothing.
   """
+  if not isinstance(fewshot_fraction, (int, float)) or not 0.0 <= float(fewshot_fraction) <= 1.0:
+    raise ValueError(f"synthetic.py: fewshot_fraction must be a number in [0, 1], got {fewshot_fraction!r}")
   rng = _rng(seed, 4)
   docs = []
   for _ in range(n_docs):
@@ -412,4 +450,9 @@ def pretraining_corpus(n_docs: int, seed: int = 0) -> list[str]:
       docs.append("".join(turns))
     else:
       docs.append(_free_text(rng))
+  n_fewshot = int(round(float(fewshot_fraction) * n_docs))
+  if n_fewshot:
+    frng = _rng(seed, 8)   # its own stream: fewshot_fraction=0 draws nothing from it
+    for i in sorted(frng.choice(n_docs, n_fewshot, replace=False)):
+      docs[int(i)] = _fewshot_document(frng)[0]
   return docs

@@ -7,6 +7,10 @@ A query task of the synthetic world (held-out `eval` split) is preceded by k dem
   qa    "Q: <task>\\nA: <answer>\\n\\n" per exchange (a format the corpus never contains)
   chat  "<|user|><task><|assistant|><answer><|endoftext|>" per exchange (chat_format)
 
+(The default pretraining corpus contains hh and chat exchanges with mostly misaligned answers and
+no qa text; with `synthetic.pretraining_corpus(fewshot_fraction > 0)` it also holds lists of
+correctly solved same-family train-split tasks in all three formats.)
+
 Every prompt starts with EOS, the document separator of the packed pretraining stream. Two scores:
 
   exact match     greedy generation (sampling.generate), cut at the first newline / special token,
@@ -32,6 +36,7 @@ import numpy as np
 from rlhf_jax import sampling
 from rlhf_jax.data import batching, chat_format, synthetic
 from rlhf_jax.data.tokenizer import Tokenizer
+from rlhf_jax.eval import bootstrap
 
 _WHERE = "rlhf_jax/eval/in_context.py"
 FORMATS = ("hh", "qa", "chat")
@@ -209,7 +214,11 @@ def greedy_answers(params, cfg, tok: Tokenizer, examples: Sequence[Example], k: 
 
 def evaluate(params, cfg, tok: Tokenizer, examples: Sequence[Example], ks: Sequence[int], fmt: str, *,
              max_len: int | None = None, max_new_tokens: int = 16, batch_size: int = 64) -> dict[int, dict]:
-  """Accuracies per k: {k: {exact_match, mc_sum, mc_mean, mean_shots_em, mean_shots_mc}} (floats).
+  """Accuracies per k: {k: {exact_match, mc_sum, mc_mean, mean_shots_em, mean_shots_mc, chance_mc}}
+  (floats), each accuracy with `<name>_se` (binomial standard error over the examples,
+  sqrt(p (1 - p) / n)); also exact_match_ci95 ([low, high], percentile bootstrap over examples,
+  `bootstrap.mean_ci`) and exact_match_correct (0/1 per example, in order: the k's share the
+  examples, so `exact_match_gain` can pair them).
 
   max_len: row length for multiple choice (default: the context window); generation prompts get
   max_len - max_new_tokens + 1 tokens so prompt + answer fit the window.
@@ -223,11 +232,43 @@ def evaluate(params, cfg, tok: Tokenizer, examples: Sequence[Example], ks: Seque
     sc = choice_scores(params, cfg, tok, examples, k, fmt, max_len=max_len, batch_size=batch_size)
     answers, shots_em = greedy_answers(params, cfg, tok, examples, k, fmt, max_prompt_len=max_len - max_new_tokens + 1,
                                        max_new_tokens=max_new_tokens, batch_size=batch_size)
-    out[int(k)] = {
-        "exact_match": float(np.mean([a == e.query.answer for a, e in zip(answers, examples)])),
-        "mc_sum": float(np.mean(sc["sum"].argmax(1) == labels)),
-        "mc_mean": float(np.mean(sc["mean"].argmax(1) == labels)),
-        "mean_shots_em": float(shots_em.mean()), "mean_shots_mc": float(sc["shots"].mean()),
-        "chance_mc": 1.0 / len(examples[0].choices),
-    }
+    hits = {"exact_match": np.asarray([a == e.query.answer for a, e in zip(answers, examples)], np.float64),
+            "mc_sum": (sc["sum"].argmax(1) == labels).astype(np.float64),
+            "mc_mean": (sc["mean"].argmax(1) == labels).astype(np.float64)}
+    res = {}
+    for name, h in hits.items():
+      res[name], res[f"{name}_se"] = float(h.mean()), binomial_se(h)
+    res.update(exact_match_ci95=list(bootstrap.mean_ci(hits["exact_match"], seed=int(k))),
+               exact_match_correct=hits["exact_match"].astype(int).tolist(),
+               mean_shots_em=float(shots_em.mean()), mean_shots_mc=float(sc["shots"].mean()),
+               chance_mc=1.0 / len(examples[0].choices))
+    out[int(k)] = res
   return out
+
+
+def binomial_se(hits) -> float:
+  """Standard error sqrt(p (1 - p) / n) of the accuracy of n 0/1 outcomes."""
+  h = np.asarray(hits, np.float64)
+  if h.ndim != 1 or h.size == 0:
+    raise ValueError(f"{_WHERE}: binomial_se needs a non-empty 1-D array of 0/1 outcomes, got shape {h.shape}")
+  p = float(h.mean())
+  return float(np.sqrt(p * (1.0 - p) / h.size))
+
+
+def exact_match_gain(by_k: dict, k_hi: int, k_lo: int = 0) -> dict:
+  """Exact-match gain from k_lo to k_hi demonstrations on the same examples (`evaluate`'s output).
+
+  Returns {diff, se_unpaired: sqrt(se_hi^2 + se_lo^2) of the two binomial SEs, se_paired: std of
+  the per-example differences / sqrt(n), z_unpaired: diff / se_unpaired (inf when diff > 0 and the
+  SE is 0)} (floats).
+  """
+  hi = np.asarray(by_k[k_hi]["exact_match_correct"], np.float64)
+  lo = np.asarray(by_k[k_lo]["exact_match_correct"], np.float64)
+  if hi.shape != lo.shape or hi.size == 0:
+    raise ValueError(f"{_WHERE}: exact_match_gain needs both k's scored on the same examples")
+  diff = float(hi.mean() - lo.mean())
+  se_u = float(np.hypot(binomial_se(hi), binomial_se(lo)))
+  d = hi - lo
+  se_p = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
+  z = diff / se_u if se_u > 0 else (float("inf") if diff > 0 else 0.0)
+  return {"diff": diff, "se_unpaired": se_u, "se_paired": se_p, "z_unpaired": float(z)}
