@@ -2,7 +2,7 @@
 
   python -m rlhf_jax.main --config experiments/instructgpt_tiny.py --workdir runs/instructgpt
   python -m rlhf_jax.main --config experiments/instructgpt_tiny.py --workdir runs/smoke --config.preset=smoke
-  python -m rlhf_jax.main --config experiments/instructgpt_tiny.py --workdir runs/imperfect --config.preset=imperfect_demos
+  python -m rlhf_jax.main --config experiments/instructgpt_tiny.py --workdir runs/perfect --config.preset=perfect_demos
 
 Stages (each a sub-workdir, each through the shared loop with its own checkpoints; a re-run resumes
 at the stage and step where it stopped): pretrain (small) · pretrain_large (≥4x params, pretrained
@@ -23,16 +23,18 @@ from rlhf_jax.recipes import chain
 HERE = Path(__file__).resolve().parent
 STAGE_FILES = {"pretrain": "pretrain_tiny.py", "pretrain_large": "pretrain_tiny.py", "sft": "sft_tiny.py",
                "rm": "rm_tiny.py", "ppo": "ppo_tiny.py", "ppo_ptx": "ppo_tiny.py"}
-# "smoke" is also passed down to every stage's own smoke preset. "imperfect_demos": half of the
-# benign demonstrations wrap the correct answer in polite filler, which the gold labeler scores
-# lower -- comparisons can then express a preference the demonstrations do not (InstructGPT's
-# premise); the gold labeler and the evaluation are unchanged.
+# The default world is InstructGPT's: labelers compare better than they demonstrate. Half of the
+# benign demonstrations wrap the correct answer in polite filler, which the gold labeler scores lower,
+# so comparisons can express a preference the demonstrations do not. "perfect_demos": every
+# demonstration is the bare correct answer -- the world where RLHF has little to add over SFT. The
+# gold labeler and the evaluation are the same in both. "smoke" is also passed down to every stage's
+# own smoke preset.
 # In "smoke" the large model is 3 x 128 (0.68M params, 4.8x the smoke stages' nano model): still >= 4x, at a
 # quarter of 3 x 256's cost (the stage's own smoke preset sets its steps and data).
 PRESETS = {"default": {},
            "smoke": {"beta_sweep.betas": (0.0, 0.2), "eval.n_prompts": 24, "eval.max_new_tokens": 12,
                      "stages.pretrain_large.model.d_model": 128, "stages.pretrain_large.model.n_head": 4},
-           "imperfect_demos": {"stages.sft.data.filler_rate": 0.5}}
+           "perfect_demos": {"stages.sft.data.filler_rate": 0.0}}
 
 
 def _stage_config(name):
@@ -54,14 +56,30 @@ def get_config():
   large.model.d_model, large.model.n_layer, large.model.n_head, large.model.head_dim = 256, 3, 8, 32
   large.loop.num_steps = large.optim.total_steps = 250
   c.stages.sft.data.n_train, c.stages.sft.epochs = 4000, 3
-  c.stages.rm.label.n_train_prompts, c.stages.rm.label.n_eval_prompts = 1000, 200
+  c.stages.sft.data.filler_rate = 0.5
+  rm = c.stages.rm.label
+  # The RM judges what PPO will sample: SFT samples at PPO's temperature, with a quarter of each
+  # prompt's K from the pretrained model (InstructGPT's comparisons came from several policies);
+  # 3,000 prompts for one epoch (InstructGPT: one epoch; more passes over fewer prompts overfit).
+  rm.n_train_prompts, rm.n_eval_prompts = 3000, 200
+  c.stages.rm.epochs = 1
+  rm.temperature, rm.pretrained_fraction = c.stages.ppo.ppo.temperature, 0.25
+  # The PPO recipe, chosen on dev prompts (train-split instances; issue 13's dev runs): lr 1e-4
+  # constant (3e-5 decaying to 0 left the trust region idle: approx_kl 7e-5), 5 value-only warm-up
+  # iterations (the value head starts from the RM), and a fixed beta = 0.5, which pulled the
+  # policy back each time it found an RM loophole (beta = 0.05 / 0.2 ran into them for good).
   for name in ("ppo", "ppo_ptx"):
-    c.stages[name].loop.num_steps = 60
-    c.stages[name].ppo.ppo_epochs = 2
+    st = c.stages[name]
+    st.loop.num_steps = 60
+    st.ppo.ppo_epochs = 2
+    st.optim.lr, st.optim.schedule = 1e-4, "constant"
+    st.ppo.value_warmup_iters = 5
+    st.ppo.init_kl_beta = 0.5
+    st.data.eval_split = "dev"   # the RL stages' monitor reads train-split instances, never the eval prompts
   c.stages.ppo.ppo.ptx_coef = 0.0
   c.stages.ppo_ptx.ppo.ptx_coef = 1.0
   c.beta_sweep = mlc.ConfigDict(dict(betas=(0.0, 0.02, 0.2), num_steps=30))
-  c.eval = mlc.ConfigDict(dict(n_prompts=300, prompt_seed=7, temperature=0.7, max_new_tokens=24, best_of_n=4,
+  c.eval = mlc.ConfigDict(dict(n_prompts=500, prompt_seed=7, temperature=0.7, max_new_tokens=24, best_of_n=4,
                                max_prompt_len=64))
   return c
 

@@ -97,6 +97,11 @@ def test_train_eval_prompts_are_disjoint_instances():
   assert all(S.task_split(S.Task.from_dict(r["task"])) == "eval" for r in evals)
   with pytest.raises(ValueError, match="split"):
     S.prompts(1, split="test")
+  # "dev" (tuning / RL monitoring): train-split instances from their own stream, never an eval instance.
+  dev = S.prompts(500, seed=0, split="dev")
+  assert not {key(r) for r in dev} & {key(r) for r in evals}
+  assert all(S.task_split(S.Task.from_dict(r["task"])) == "train" for r in dev)
+  assert [r["prompt"] for r in dev[:50]] != [r["prompt"] for r in train[:50]]
 
 
 def test_records_are_json_serialisable_and_consistent():

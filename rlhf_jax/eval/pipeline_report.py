@@ -19,6 +19,8 @@ from rlhf_jax.eval import bootstrap, elo, plots, policy_eval, report, rm_diagnos
 from rlhf_jax.model import gpt, heads
 from rlhf_jax.train import loop, stages
 
+TRACE_KEYS = ("ppo/approx_kl", "ppo/clip_frac", "ppo/explained_variance", "ppo/value_clip_frac", "ppo/kl",
+              "ppo/score", "eval/gold_mean", "eval/win_rate_vs_sft_gold")
 MODELS = {"pretrained": "pretrain", "pretrained_large": "pretrain_large", "sft": "sft", "ppo": "ppo",
           "ppo_ptx": "ppo_ptx"}
 
@@ -76,6 +78,8 @@ def evaluate_all(config, workdir: str, stage_results: dict) -> dict:
       "stage_seconds": {n: r.get("seconds") for n, r in stage_results.items()},
       "settings": {"n_eval_prompts": ev.n_prompts, "temperature": ev.temperature},
   }
+  summary["ppo_traces"] = {n: [{k: h[k] for k in ("step",) + TRACE_KEYS if k in h} for h in histories.get(n, [])
+                               if any(k in h for k in TRACE_KEYS)] for n in ("ppo", "ppo_ptx")}
   summary["claims"] = report.check_claims(summary)
   summary["_histories"] = {"rm": loop.read_metrics(join("rm")), "ppo": histories.get("ppo", []),
                            "ppo_ptx": histories.get("ppo_ptx", [])}
@@ -111,6 +115,8 @@ def write(summary: dict, workdir: str) -> None:
   p = lambda n: os.path.join(workdir, "plots", n)
   plots.plot_rm_accuracy(hist["rm"], p("rm_accuracy.png"))
   plots.plot_ppo_curves({"ppo": hist["ppo"], "ppo_ptx": hist["ppo_ptx"]}, p("ppo_curves.png"))
+  plots.plot_ppo_curves({"ppo": hist["ppo"], "ppo_ptx": hist["ppo_ptx"]}, p("ppo_trust_region.png"),
+                        panels=plots.TRUST_PANELS)
   plots.plot_gold_bars(summary, p("gold_by_model.png"))
   if summary["beta_sweep"]:
     plots.plot_beta_sweep(summary["beta_sweep"], p("beta_sweep.png"), x="step")

@@ -22,6 +22,10 @@ DPI = 100
 PPO_PANELS: tuple[tuple[str, str], ...] = (
     ("ppo/score", "RM reward"), ("eval/gold_mean", "gold score"), ("ppo/kl", "KL to SFT"),
     ("eval/pretrain_val_loss", "held-out pretraining loss"))
+# Is the trust region in play? (PPO's approx. KL per update and clipped fraction, and the value function.)
+TRUST_PANELS: tuple[tuple[str, str], ...] = (
+    ("ppo/approx_kl", "approx. KL old -> new policy"), ("ppo/clip_frac", "clipped fraction (policy)"),
+    ("ppo/explained_variance", "value explained variance"), ("ppo/value_clip_frac", "clipped fraction (value)"))
 
 
 def series(history: Sequence[Mapping], key: str) -> tuple[np.ndarray, np.ndarray]:

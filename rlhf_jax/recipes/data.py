@@ -29,7 +29,7 @@ KINDS = records.KINDS
 def data_config(**overrides) -> mlc.ConfigDict:
   """The `data` section every generic stage shares (plus the synthetic world's sizes)."""
   c = dict(train="synthetic", eval="", eval_fraction=0.05, train_split="train", limit=0, eval_limit=0,
-           cache_dir="", seed=0, n_train=2000, n_eval=256, filler_rate=0.0)
+           cache_dir="", seed=0, n_train=2000, n_eval=256, filler_rate=0.0, eval_split="eval")
   c.update(overrides)
   return mlc.ConfigDict(c)
 
@@ -47,8 +47,8 @@ def _synthetic(data, kind: str):
     rate = float(data.get("filler_rate", 0.0))
     return (synthetic.demonstrations(n, seed, "train", filler_rate=rate),
             synthetic.demonstrations(n_eval, seed, "eval", filler_rate=rate))
-  if kind == "prompts":
-    return synthetic.prompts(n, seed, "train"), synthetic.prompts(n_eval, seed, "eval")
+  if kind == "prompts":   # data.eval_split "dev": held-out prompts that are not eval-split instances
+    return synthetic.prompts(n, seed, "train"), synthetic.prompts(n_eval, seed, data.get("eval_split", "eval"))
   raise ValueError(f"data.train=synthetic gives no {kind}: the RM stage makes synthetic comparisons by "
                    "gold-labelling policy samples (experiments/rm.py with data.train=synthetic)")
 
