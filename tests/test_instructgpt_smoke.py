@@ -67,7 +67,8 @@ def test_instructgpt_smoke_pipeline(main_run, monkeypatch, capsys):
   assert set(summary["elo"]["ratings"]) == {"pretrained", "pretrained_large", "sft", "ppo", "ppo_ptx"}
   assert len(summary["beta_sweep"]) >= 2
   assert set(summary["claims"]) and all("holds" in c for c in summary["claims"].values())
-  assert summary["ppo_traces"]["ppo"] and all("ppo/approx_kl" in r for r in summary["ppo_traces"]["ppo"])
+  traces = summary["ppo_traces"]["ppo"]   # training rows (trust region) and monitor rows (gold), by step
+  assert any("ppo/approx_kl" in r and "ppo/clip_frac" in r for r in traces) and any("eval/gold_mean" in r for r in traces)
   for png in ("rm_accuracy.png", "ppo_curves.png", "ppo_trust_region.png", "gold_by_model.png", "beta_sweep.png"):
     assert (tmp_path / "plots" / png).stat().st_size > 1000
   # A re-run resumes: every stage (the beta sweep's too) is found finished, nothing is retrained. In

@@ -218,8 +218,11 @@ def test_local_env_for_gpus():
 
 def test_local_ctrl_c_stops_every_process(tmp_path):
   code = "import os, time; print('pid', os.getpid(), flush=True); time.sleep(60)"
+  # SIGINT's default disposition in the launcher: a test worker may run with SIGINT ignored, which a child inherits
+  # (and Python then installs no KeyboardInterrupt handler: the launcher would wait for its children instead).
   launcher = subprocess.Popen([sys.executable, "-m", "launch.local", "-n", "2", "--", sys.executable, "-c", code],
-                              cwd=common.REPO, stdout=subprocess.PIPE, text=True, start_new_session=True)
+                              cwd=common.REPO, stdout=subprocess.PIPE, text=True, start_new_session=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   try:
     pids = []
     deadline = time.monotonic() + 120   # generous: CI machines are shared (a timeout here is not the behaviour under test)
