@@ -34,7 +34,8 @@ Public API:
   param_axes(config) -> logical axis names mirroring `init`
   logits(params, config, tokens, attention_mask=None) -> float32 [B,T,V]
   hidden_states(...) -> [B,T,D] final (normalised) hidden states
-  forward(...) -> (hidden, cache): the general entry, with KV cache and dropout
+  forward(...) -> (hidden, cache): the general entry, with KV cache, dropout and an optional
+    prefix of input embeddings (prefix_embeds [B,P,D]: the image tokens of `vlm.py`)
   unembed(params, config, hidden) -> float32 logits
   init_cache(config, batch_size, max_len) -> {"k","v": [L,B,KV,S,Dh]} (head-major)
   decode_params(params, config), unstack_cache(cache), stack_cache(cache): layouts for decode loops
@@ -132,11 +133,26 @@ def embed(params: Params, config, tokens, positions):
   return x
 
 
+def embed_with_prefix(params: Params, config, prefix_embeds, tokens, positions):
+  """prefix_embeds [B,P,D], tokens int [B,T], positions int [B,P+T] -> [B,P+T,D] input embeddings
+  [prefix | token embeddings] in the compute dtype, each plus its learned position embedding."""
+  cfg = _as_config(config)
+  dt = cfg.compute_dtype
+  x = jnp.concatenate([prefix_embeds.astype(dt), params["wte"].astype(dt)[tokens]], axis=1)
+  if cfg.position == "learned":
+    x = x + params["wpe"].astype(dt)[positions]
+  return x
+
+
 def forward(params: Params, config, tokens, attention_mask=None, positions=None, cache=None,
-            cache_index=None, dropout_rng=None):
+            cache_index=None, dropout_rng=None, prefix_embeds=None):
   """The general forward pass.
 
   tokens: int32 [B,T].
+  prefix_embeds: optional [B,P,D] input embeddings (e.g. projected image patches, `vlm.py`) read
+    before the tokens: the sequence is then T' = P + T long, [prefix | tokens], and
+    attention_mask, positions, cache slots and the returned hidden count all T' positions. The
+    prefix gets the position embedding (or RoPE) of its positions like a token; None = tokens only.
   attention_mask: without cache, [B,T] (1 = real, 0 = pad); with cache, [B,S] over cache slots
     (must already mark the T new slots as real).
   positions: int32 [B,T]; derived from the mask when None (no cache only).
@@ -149,6 +165,11 @@ def forward(params: Params, config, tokens, attention_mask=None, positions=None,
   cfg = _as_config(config)
   check_tokens(tokens, cfg)
   b, t = tokens.shape
+  if prefix_embeds is not None:
+    if prefix_embeds.ndim != 3 or prefix_embeds.shape[0] != b or prefix_embeds.shape[2] != cfg.d_model:
+      raise ValueError(f"rlhf_jax/model/gpt.py:forward: prefix_embeds {tuple(prefix_embeds.shape)} must be "
+                       f"[B={b},P,D={cfg.d_model}]")
+    t = t + prefix_embeds.shape[1]
   if cache is None:
     if attention_mask is None:
       attention_mask = jnp.ones((b, t), jnp.int32)
@@ -164,7 +185,10 @@ def forward(params: Params, config, tokens, attention_mask=None, positions=None,
     mask = (jnp.arange(s)[None, None, :] <= q_slot[None, :, None]) & (attention_mask[:, None, :] > 0)
 
   keys = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
-  x = embed(params, cfg, tokens, positions)
+  if prefix_embeds is None:
+    x = embed(params, cfg, tokens, positions)
+  else:
+    x = embed_with_prefix(params, cfg, prefix_embeds, tokens, positions)
   rope = rope_tables(cfg, positions) if cfg.position == "rope" else None
   x = parallel.constrain(dropout(x, cfg.dropout, keys[0]), ("batch", "length", "embed"))
 
