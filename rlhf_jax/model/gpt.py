@@ -123,22 +123,15 @@ def norm(p: Params, config, x):
   return layer_norm(x, p["scale"], bias, cfg.ln_eps)
 
 
-def embed(params: Params, config, tokens, positions):
-  """tokens, positions int [B,T] -> [B,T,D] input embeddings in the compute dtype (before dropout)."""
+def embed(params: Params, config, tokens, positions, prefix_embeds=None):
+  """tokens int [B,T], positions int [B,P+T] -> [B,P+T,D] input embeddings in the compute dtype (before
+  dropout): [prefix_embeds [B,P,D] (optional; P = 0 without) | token embeddings], each plus its learned
+  position embedding."""
   cfg = _as_config(config)
   dt = cfg.compute_dtype
   x = params["wte"].astype(dt)[tokens]
-  if cfg.position == "learned":
-    x = x + params["wpe"].astype(dt)[positions]
-  return x
-
-
-def embed_with_prefix(params: Params, config, prefix_embeds, tokens, positions):
-  """prefix_embeds [B,P,D], tokens int [B,T], positions int [B,P+T] -> [B,P+T,D] input embeddings
-  [prefix | token embeddings] in the compute dtype, each plus its learned position embedding."""
-  cfg = _as_config(config)
-  dt = cfg.compute_dtype
-  x = jnp.concatenate([prefix_embeds.astype(dt), params["wte"].astype(dt)[tokens]], axis=1)
+  if prefix_embeds is not None:
+    x = jnp.concatenate([prefix_embeds.astype(dt), x], axis=1)
   if cfg.position == "learned":
     x = x + params["wpe"].astype(dt)[positions]
   return x
@@ -185,10 +178,7 @@ def forward(params: Params, config, tokens, attention_mask=None, positions=None,
     mask = (jnp.arange(s)[None, None, :] <= q_slot[None, :, None]) & (attention_mask[:, None, :] > 0)
 
   keys = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
-  if prefix_embeds is None:
-    x = embed(params, cfg, tokens, positions)
-  else:
-    x = embed_with_prefix(params, cfg, prefix_embeds, tokens, positions)
+  x = embed(params, cfg, tokens, positions, prefix_embeds)
   rope = rope_tables(cfg, positions) if cfg.position == "rope" else None
   x = parallel.constrain(dropout(x, cfg.dropout, keys[0]), ("batch", "length", "embed"))
 
