@@ -4,11 +4,12 @@
       [--temperature 0.7 --top_k 0 --top_p 1.0 --max_new_tokens 64 --seed 0]
 
 Reads one user message per stdin line and streams the reply token by token. "/reset" clears the
-dialogue (the system message stays), "/exit" or end of input quits. The dialogue is rendered in
-the tokenizer's chat format (`tok.chat`: role format or the model's chat template) exactly as
-SFT/PPO prompts are, and a reply ends at any of `tok.stop_ids`; when it no longer fits the context
-window the oldest exchanges are dropped first (never the system message). --temperature 0 decodes
-greedily.
+dialogue (the system message stays), "/exit" or end of input quits; any other line starting with
+"/" (e.g. "/quit", "/help") prints the list of commands and is not sent to the model. The dialogue
+is rendered in the tokenizer's chat format (`tok.chat`: role format or the model's chat template)
+exactly as SFT/PPO prompts are, and a reply ends at any of `tok.stop_ids`; when it no longer fits
+the context window the oldest exchanges are dropped first (never the system message).
+--temperature 0 decodes greedily.
 Decoding uses `sampling.prefill` + `sampling.decode_step` on a prompt left-padded to a fixed
 length, so every turn reuses the same two compiled programs.
 """
@@ -28,6 +29,13 @@ from rlhf_jax.data.tokenizer import Tokenizer
 from rlhf_jax.train import stages
 
 _WHERE = "rlhf_jax/chat.py"
+COMMANDS = {"/reset": "clear the dialogue (the system message stays)", "/exit": "quit (as does end of input)"}
+
+
+def commands_help(unknown: str | None = None) -> str:
+  """The commands on one line, after a line naming the unknown command when given."""
+  head = f"[unknown command {unknown!r}; nothing was sent to the model]\n" if unknown else ""
+  return head + "[commands: " + "; ".join(f"{c} {what}" for c, what in COMMANDS.items()) + "]\n"
 
 
 # ------------------------------------------------------------------------------ loading
@@ -139,12 +147,15 @@ def chat_loop(params, cfg, tok: Tokenizer, lines, write: Callable[[str], None], 
   prompt()
   for line in lines:
     text = line.rstrip("\r\n")
-    if text.strip() == "/exit":
+    command = text.strip()
+    if command == "/exit":
       break
-    if text.strip() == "/reset":
+    if command == "/reset":
       history = []
       write("[history cleared]\n")
-    elif text.strip():
+    elif command.startswith("/"):   # an unknown command (e.g. /quit) is never sent to the model
+      write(commands_help(command.split()[0]))
+    elif command:
       try:
         tok.chat.validate([{"role": "user", "content": text}])
         kept, ids = fit_history(tok, system, history + [{"role": "user", "content": text}], prompt_len)

@@ -143,3 +143,20 @@ def test_cli_with_piped_stdin(tmp_path):
   bad = subprocess.run([sys.executable, "-m", "rlhf_jax.chat", "--workdir", str(tmp_path / "nowhere")],
                        input="", capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
   assert bad.returncode != 0 and "does not exist" in bad.stderr
+
+
+def test_unknown_slash_command_prints_commands_and_is_not_sent(monkeypatch):
+  """A user typed /quit and the model answered "15": a line starting with "/" that is not a known
+  command prints the command list; the model is never called and the history does not change."""
+  sent = []
+  monkeypatch.setattr(chat, "stream_reply", lambda *a, **k: sent.append(a[3]) or "ok")
+  out = io.StringIO()
+  history = chat.chat_loop(PARAMS, CFG, TOK, ["/quit\n", "  /help me\n", "/Exit\n", "sort: b a\n", "/reset now\n",
+                                              "/exit\n", "copy: a\n"], out.write, temperature=0, max_new_tokens=8)
+  text = out.getvalue()
+  for bad in ("/quit", "/help", "/Exit", "/reset"):   # "/reset now" is not the /reset command either
+    assert f"[unknown command {bad!r}; nothing was sent to the model]" in text
+  assert text.count("[commands: /reset ") == 4 and "/exit quit" in text
+  assert len(sent) == 1 and text.count("Assistant: ") == 1   # only "sort: b a"; nothing after /exit
+  assert history == [_user("sort: b a"), _asst("ok")]
+  assert chat.commands_help() == "[commands: " + "; ".join(f"{c} {w}" for c, w in chat.COMMANDS.items()) + "]\n"

@@ -324,3 +324,78 @@ def check_prompt_images(prompt: str, n_images: int) -> int:
 def stack_images(images: Sequence[Any], size: int = SIZE) -> np.ndarray:
   """A list of checked images -> float32 [B,size,size,3] in [0, 1] for `vlm` / `vit.encode`."""
   return np.stack([to_float(check_image(im, size, where=f"{_WHERE}: image {i}")) for i, im in enumerate(images)])
+
+
+# ------------------------------------------------------------------ training batches
+def sample_at(seed: int, index: int, families: Sequence[str] = FAMILIES) -> dict:
+  """Sample `index` of the stream `seed`: family families[index % len], a pure function of
+  (seed, index, families) (its own rng), so a batch iterator can render it lazily."""
+  return sample(np.random.default_rng([int(seed), 15, int(index)]), families[int(index) % len(families)])
+
+
+def demonstration(s: dict) -> dict:
+  """The sample's text as a pipeline demonstration record: one user turn and the gold answer."""
+  return {"messages": [{"role": "user", "content": s["prompt"]}], "response": s["answer"]}
+
+
+def text_corpus(n: int, seed: int = 0) -> list[str]:
+  """Prompts and answers of n samples (e.g. to train a tokenizer on)."""
+  return [t for s in dataset(n, seed) for t in (s["prompt"], s["answer"])]
+
+
+def _left_align(ex: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A right-padded `pipeline.encode_demonstration` example moved to the end of its row, giving
+  `vlm`'s layout [image | left pads | text]; targets/mask move with their tokens."""
+  shift = ex["attention_mask"].shape[0] - int(ex["attention_mask"].sum())
+  return {k: np.roll(v, shift) for k, v in ex.items()}
+
+
+class ImageExamples:
+  """Picklable map: sample index -> example {"images" float32 [H,W,3], "tokens","targets","mask",
+  "attention_mask" int32 [max_len]} (text as `pipeline.encode_demonstration`, left-aligned).
+  Raises ValueError naming the sample when its text would be truncated."""
+
+  def __init__(self, tok, max_len: int, seed: int, families: Sequence[str]):
+    self.tok, self.max_len, self.seed, self.families = tok, int(max_len), int(seed), tuple(families)
+
+  def __call__(self, index) -> dict[str, np.ndarray]:
+    from rlhf_jax.data import pipeline
+    s = sample_at(self.seed, int(index), self.families)
+    events: list[str] = []
+    where = f"{_WHERE}: sample {index} of stream {self.seed} ({s['task']['family']})"
+    try:   # encode_demonstration's example, but a cut question or answer is an error here
+      ex = pipeline._demonstration_example(self.tok, demonstration(s), self.max_len, where, False, events)
+    except pipeline._Skip as e:
+      events.append(e.reason)
+    if events:
+      raise ValueError(f"{where}: does not fit max_len={self.max_len} text tokens ({', '.join(events)}); "
+                       "raise max_len")
+    return {"images": to_float(s["image"]), **_left_align(ex)}
+
+
+def image_batches(tok, global_batch_size: int, max_len: int, *, n: int, seed: int, shuffle_seed: int = 0,
+                  families: Sequence[str] = FAMILIES, shard_index: int | None = None,
+                  shard_count: int | None = None):
+  """Shuffled (reshuffled every epoch), endlessly repeated batches of n image-world samples.
+
+  Yields {"images": float32 [B_host,SIZE,SIZE,3], "tokens","targets","mask","attention_mask":
+  int32 [B_host,max_len]}: `pipeline.encode_demonstration` of the user turn + gold answer (loss on
+  the answer and its EOS only), left-aligned. A grain iterator: get_state()/set_state() resume it
+  exactly; `.stats` (pipeline.PipelineStats) has kept = n. Every sample is encoded once up front so
+  a max_len that would cut a question or an answer fails here, naming the sample."""
+  import grain
+  from rlhf_jax.data import pipeline
+  shard_index, shard_count = pipeline._resolve_shard(shard_index, shard_count)
+  bsz = pipeline.host_batch_size(global_batch_size, shard_count)
+  fn = ImageExamples(tok, max_len, seed, families)
+  host = np.arange(int(n))[shard_index::shard_count][:int(n) // shard_count]
+  if len(host) < bsz:
+    raise ValueError(f"{_WHERE}: image_batches: {len(host)} samples on this host, fewer than one batch of {bsz}")
+  for i in range(int(n)):
+    fn(i)
+  stats = pipeline.PipelineStats(f"image_world[{','.join(families)}]", seen=int(n), kept=int(n),
+                                 host_records=len(host), unassigned=int(n) - len(host) * shard_count)
+  ds = grain.MapDataset.source(host).shuffle(seed=int(shuffle_seed)).repeat(None).map(fn)
+  it = iter(ds.batch(bsz, drop_remainder=True).to_iter_dataset(pipeline.READ_OPTIONS))
+  it.stats = stats
+  return it

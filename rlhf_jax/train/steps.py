@@ -98,3 +98,27 @@ def kwise_rm_loss_fn(model_cfg):
                       flat(batch["reward_index"]), dropout_rng=rng).reshape(b, k)
     return kwise_ranking_loss(r, batch["ranks"], batch["valid"])
   return loss_fn
+
+
+def vlm_loss_fn(vlm_cfg, frozen=None):
+  """Response-only next-token loss of `vlm.logits` on batch {"images": float32 [B,H,W,C] in [0, 1],
+  "tokens","targets","mask","attention_mask": int32 [B,T]} (text left-padded after the image
+  prefix; mask selects the trained tokens, as in `lm_loss_fn`) -> (loss, metrics of `lm_loss`).
+
+  frozen: optional subtrees of the VLM params held fixed (e.g. {"vit": ..., "gpt": ...} to train
+  only the projector): `params` then holds the trained subtrees only and the model is
+  {**frozen, **params}; the frozen arrays are constants of the trace, so they get no gradients,
+  no optimizer state and no weight decay (bit-identical after training).
+  """
+  from rlhf_jax.model import vlm
+  frozen = jax.tree.map(jnp.asarray, dict(frozen or {}))   # host numpy cannot be indexed by a tracer
+
+  def loss_fn(params, batch, rng):
+    overlap = sorted(set(frozen) & set(params))
+    if overlap:
+      raise ValueError(f"rlhf_jax/train/steps.py:vlm_loss_fn: {overlap} are both trained and frozen")
+    full = {**frozen, **params}
+    logits = vlm.logits(full, vlm_cfg, batch["images"], batch["tokens"], batch.get("attention_mask"),
+                        dropout_rng=rng)
+    return lm_loss(logits, batch["targets"], batch["mask"])
+  return loss_fn

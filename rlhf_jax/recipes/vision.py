@@ -1,0 +1,228 @@
+"""Image input (issue 15), the training recipe: LLaVA's two stages on the image world, then the
+accuracy per task family with the image and with the image blanked (the text-only baseline).
+
+  stage "align"  (workdir/align): the projector only (ViT and decoder frozen), on `align.families`
+                 (default: captions), response-only LM loss (`steps.vlm_loss_fn`)
+  stage "sft"    (workdir/sft):   multimodal SFT on `sft.families` (default: all six), training
+                 `sft.trainable`: "all" (ViT + projector + decoder; the default here, the ViT is
+                 random, not a pretrained CLIP/SigLIP) or "decoder_projector" (LLaVA's stage 2)
+  eval:          greedy answers (`vlm.generate`) to `eval.n_per_family` held-out samples per family
+                 (their own stream, `data.eval_seed`), mean gold score (`image_world.score`) per
+                 family, once with the image and once with an all-zero image ("blank")
+
+Both stages run through `supervised.fit` (the shared loop: exact resume from the stage's
+checkpoints, including the data iterator's position). Frozen subtrees are not in the train
+state: `steps.vlm_loss_fn(cfg, frozen)` closes over them, so they get no gradients, no Adam
+moments and no weight decay and stay bit-identical; a resumed run re-creates them from the seed
+(the init) and from the align stage's checkpoint.
+
+Config (`experiments/vision_tiny.py`): seed, max_len (text tokens per row, after the image
+tokens), vit (`vit.ViTConfig` fields), gpt (`GPTConfig` fields; vocab_size and max_len are
+derived), data {vocab_size, tokenizer_n, train_seed, eval_seed}, mesh, align / sft {trainable,
+families, n_train, batch_size, optim, loop, eval_batches}, eval {n_per_family, batch_size,
+max_new_tokens}.
+Writes workdir/results.json and workdir/results.md (the table); returns the results dict.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Sequence
+
+import jax
+import ml_collections as mlc
+import numpy as np
+
+from rlhf_jax.data import chat_format
+from rlhf_jax.data import image_world as iw
+from rlhf_jax.data import pipeline
+from rlhf_jax.data import tokenizer as tok_lib
+from rlhf_jax.model import vit, vlm
+from rlhf_jax.model.config import GPTConfig
+from rlhf_jax.train import loop, steps, supervised
+
+_WHERE = "rlhf_jax/recipes/vision.py"
+TRAINABLE = {"projector": ("projector",), "decoder_projector": ("projector", "gpt"),
+             "all": ("vit", "projector", "gpt")}
+STAGES = ("align", "sft")
+
+
+# ------------------------------------------------------------------ model and tokenizer
+def tokenizer(config) -> tok_lib.Tokenizer:
+  """A byte-level BPE trained on the prompts and answers of `data.tokenizer_n` samples (a pure
+  function of the config, so a resumed run gets the same vocabulary)."""
+  return tok_lib.train_bpe(iw.text_corpus(int(config.data.tokenizer_n), int(config.data.train_seed)),
+                           int(config.data.vocab_size))
+
+
+def model_config(config, tok) -> vlm.VLMConfig:
+  """VLMConfig from the `vit` and `gpt` sections; the decoder's window = image tokens + max_len."""
+  vcfg = vit._as_config(config.vit.to_dict())
+  g = config.gpt.to_dict()
+  derived = sorted({"vocab_size", "max_len"} & set(g))
+  if derived:
+    raise ValueError(f"{_WHERE}: config.gpt.{derived[0]} is derived (tokenizer size, image tokens + "
+                     "config.max_len); do not set it")
+  gcfg = GPTConfig.from_dict({**g, "vocab_size": tok.vocab_size, "max_len": vcfg.num_tokens + int(config.max_len)})
+  return vlm.VLMConfig(vcfg, gcfg)
+
+
+def split_params(params: dict, trainable: str) -> tuple[dict, dict]:
+  """(trained subtrees, frozen subtrees) of VLM params for `trainable` (a key of TRAINABLE)."""
+  if trainable not in TRAINABLE:
+    raise ValueError(f"{_WHERE}: trainable={trainable!r}; choose from {sorted(TRAINABLE)}")
+  keys = TRAINABLE[trainable]
+  return {k: v for k, v in params.items() if k in keys}, {k: v for k, v in params.items() if k not in keys}
+
+
+# ------------------------------------------------------------------ stages
+def _families(value) -> tuple[str, ...]:
+  items = [value] if isinstance(value, str) else list(value)
+  fams = tuple(f.strip() for item in items for f in str(item).split(",") if f.strip())
+  bad = [f for f in fams if f not in iw.FAMILIES]
+  if bad or not fams:
+    raise ValueError(f"{_WHERE}: families {list(fams)}: unknown {bad}; choose from {list(iw.FAMILIES)}")
+  return fams
+
+
+def stage_config(config, name: str) -> mlc.ConfigDict:
+  """The `supervised.fit` config of stage `name`: seed, mesh, and the stage's batch_size, optim,
+  loop (optim.total_steps tied to loop.num_steps, which must be set: no epochs here)."""
+  s = config[name]
+  if int(s.loop.num_steps) < 1:
+    raise ValueError(f"{_WHERE}: config.{name}.loop.num_steps must be >= 1, got {s.loop.num_steps}")
+  c = mlc.ConfigDict(dict(seed=int(config.seed), batch_size=int(s.batch_size), mesh=config.mesh.to_dict(),
+                          optim=s.optim.to_dict(), loop=s.loop.to_dict()))
+  c.optim.total_steps = int(s.loop.num_steps)
+  return c
+
+
+def train_stage(config, name: str, workdir: str, cfg: vlm.VLMConfig, tok, params: dict, hooks=()):
+  """Trains stage `name` ("align" / "sft") from full VLM params; returns (full params after the
+  stage, host numpy; a summary dict with the logged train losses and the held-out loss)."""
+  s = config[name]
+  families = _families(s.families)
+  train, frozen = split_params(params, str(s.trainable))
+  stage_dir = os.path.join(workdir, name)
+  # Each stage its own sample stream (seeded by the stage's index), held-out loss on the eval stream.
+  seed = int(config.data.train_seed) * 10 + STAGES.index(name)
+  batches = iw.image_batches(tok, int(s.batch_size), int(config.max_len), n=int(s.n_train), seed=seed,
+                             shuffle_seed=int(config.seed), families=families)
+  held = iw.image_batches(tok, int(s.batch_size), int(config.max_len), n=int(s.batch_size) * int(s.eval_batches),
+                          seed=int(config.data.eval_seed) * 10 + STAGES.index(name), families=families)
+  evals = [next(held) for _ in range(int(s.eval_batches))]
+  axes = vlm.param_axes(cfg)
+  t0 = time.perf_counter()
+  state, last, _ = supervised.fit(
+      stage_config(config, name), stage_dir, loss_fn=steps.vlm_loss_fn(cfg, frozen),
+      param_axes={k: axes[k] for k in train}, params=train, host_batches=batches, eval_batches=evals,
+      eval_weight_key="num_tokens", name=name, hooks=hooks)
+  trained = jax.device_get(state["params"])
+  losses = {int(h["step"]): float(h[f"{name}/loss"]) for h in loop.read_metrics(stage_dir) if f"{name}/loss" in h}
+  steps_done = sorted(losses)
+  summary = {"trainable": str(s.trainable), "trained_subtrees": sorted(train), "families": list(families),
+             "steps": int(s.loop.num_steps), "n_train": int(s.n_train),
+             "num_trained_params": vit.num_params(trained),
+             "first_logged_loss": losses[steps_done[0]] if steps_done else None,
+             "final_loss": losses[steps_done[-1]] if steps_done else None,
+             "eval_loss": last.get("eval/loss"), "eval_token_accuracy": last.get("eval/accuracy"),
+             "seconds": round(time.perf_counter() - t0, 1)}
+  return {**jax.device_get(frozen), **trained}, summary
+
+
+# ------------------------------------------------------------------ evaluation
+def answers(params, cfg: vlm.VLMConfig, tok, samples: Sequence[dict], *, blank: bool, batch_size: int,
+            max_prompt_len: int, max_new_tokens: int) -> list[str]:
+  """Greedy answers (text up to the first stop token) to samples' prompts, reading each sample's
+  image, or an all-zero image when blank. Fixed shapes (the last batch padded): one compile.
+  Raises ValueError when a prompt does not fit max_prompt_len (it would be cut)."""
+  out = []
+  for i in range(0, len(samples), batch_size):
+    chunk = list(samples[i:i + batch_size])
+    n = len(chunk)
+    chunk += [chunk[-1]] * (batch_size - n)
+    for s in chunk:   # a cut prompt would lose its <image> marker or the start of the question
+      n_ids = len(chat_format.encode_prompt(tok, iw.demonstration(s)["messages"]))
+      if n_ids > max_prompt_len:
+        raise ValueError(f"{_WHERE}: a {s['task']['family']} prompt has {n_ids} tokens, more than the "
+                         f"{max_prompt_len} left by max_len - eval.max_new_tokens + 1; raise config.max_len")
+    enc = [pipeline.encode_prompt_left_padded(tok, iw.demonstration(s)["messages"], max_prompt_len) for s in chunk]
+    tokens = np.stack([t for t, _ in enc])
+    mask = np.stack([m for _, m in enc])
+    images = iw.stack_images([s["image"] for s in chunk])
+    if blank:
+      images = np.zeros_like(images)
+    gen = vlm.generate(params, cfg, images, tokens, mask, jax.random.PRNGKey(0), max_new_tokens=max_new_tokens,
+                       eos_id=tok.eos_id, pad_id=tok.pad_id, greedy=True)
+    for row in np.asarray(gen["tokens"])[:n]:
+      ids = [int(t) for t in row]
+      cut = next((j for j, t in enumerate(ids) if t in tok.stop_ids), len(ids))
+      out.append(tok.decode(ids[:cut]))
+  return out
+
+
+def evaluate(params, cfg: vlm.VLMConfig, tok, config) -> dict:
+  """{"with_image" / "blank_image": {family (and "mean"): mean gold score}, "se_with_image" /
+  "se_blank_image": their standard errors, "n_per_family", "examples_*"}; the held-out samples are `eval.n_per_family` of each family from the stream `data.eval_seed`."""
+  e = config.eval
+  n = int(e.n_per_family) * len(iw.FAMILIES)
+  samples = [iw.sample_at(int(config.data.eval_seed) * 10 + 7, i) for i in range(n)]   # cycles the families
+  kw = dict(batch_size=int(e.batch_size), max_prompt_len=int(config.max_len) - int(e.max_new_tokens) + 1,
+            max_new_tokens=int(e.max_new_tokens))
+  result = {"n_per_family": int(e.n_per_family)}
+  for key, blank in (("with_image", False), ("blank_image", True)):
+    resp = answers(params, cfg, tok, samples, blank=blank, **kw)
+    scores = [iw.score(s, r) for s, r in zip(samples, resp)]
+    by = {f: np.asarray([sc for s, sc in zip(samples, scores) if s["task"]["family"] == f]) for f in iw.FAMILIES}
+    by["mean"] = np.asarray(scores)
+    result[key] = {f: float(v.mean()) for f, v in by.items()}
+    result[f"se_{key}"] = {f: float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0 for f, v in by.items()}
+    result[f"examples_{key}"] = [{"family": s["task"]["family"], "answer": s["answer"], "response": r}
+                                 for s, r in zip(samples[:len(iw.FAMILIES)], resp)]
+  return result
+
+
+def table(result: dict) -> str:
+  """Markdown table: family | with image | blank image | gain (mean gold score +- its standard error)."""
+  rows = ["| family | with image | blank image | gain |", "|---|---|---|---|"]
+  for f in list(iw.FAMILIES) + ["mean"]:
+    a, b = result["with_image"][f], result["blank_image"][f]
+    sa, sb = result["se_with_image"][f], result["se_blank_image"][f]
+    rows.append(f"| {f} | {a:.3f} ± {sa:.3f} | {b:.3f} ± {sb:.3f} | {a - b:+.3f} |")
+  return "\n".join(rows) + "\n"
+
+
+# ------------------------------------------------------------------ the recipe
+def run(config, workdir: str, hooks: dict | None = None) -> dict:
+  """Alignment, multimodal SFT, evaluation; writes results.json and results.md in workdir.
+
+  hooks: optional {stage name: loop hooks} (`loop.run`'s hook(step, state, metrics)).
+  Re-running in the same workdir resumes each stage from its latest checkpoint."""
+  t0 = time.perf_counter()
+  if int(config.data.train_seed) == int(config.data.eval_seed):
+    raise ValueError(f"{_WHERE}: config.data.eval_seed must differ from data.train_seed "
+                     f"({config.data.train_seed}): the held-out samples need their own stream")
+  os.makedirs(workdir, exist_ok=True)
+  tok = tokenizer(config)
+  cfg = model_config(config, tok)
+  params = jax.device_get(vlm.init(cfg, jax.random.PRNGKey(int(config.seed))))
+  summaries = {}
+  for name in STAGES:
+    params, summaries[name] = train_stage(config, name, workdir, cfg, tok, params,
+                                                 hooks=(hooks or {}).get(name, ()))
+    print(f"{name}: {summaries[name]}")
+  t_eval = time.perf_counter()
+  ev = evaluate(params, cfg, tok, config)
+  result = {"stages": summaries, "eval": ev, "vocab_size": tok.vocab_size,
+            "image_tokens": cfg.num_image_tokens, "decoder_max_len": cfg.gpt.max_len,
+            "num_params": {k: vit.num_params(v) for k, v in params.items()},
+            "eval_seconds": round(time.perf_counter() - t_eval, 1),
+            "total_seconds": round(time.perf_counter() - t0, 1)}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(result, f, indent=2)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+      f.write(table(ev))
+  print(table(ev))
+  return result

@@ -1,0 +1,154 @@
+"""Image input training (issue 15): the VLM loss, the image-world batch iterator, and the smoke run
+of experiments/vision_tiny.py (alignment -> multimodal SFT -> eval with / without the image):
+the loss falls, the projector-only stage leaves ViT and decoder untouched, a crashed run resumes
+exactly, and the blanked-image baseline is reported."""
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import config as rcfg
+from rlhf_jax.config import load_experiment
+from rlhf_jax.data import image_world as iw
+from rlhf_jax.data import pipeline
+from rlhf_jax.data import tokenizer as tok_lib
+from rlhf_jax.losses.lm import lm_loss
+from rlhf_jax.model import vit, vlm
+from rlhf_jax.model.config import GPTConfig
+from rlhf_jax.recipes import vision
+from rlhf_jax.train import checkpoint, loop, steps
+
+EXP = Path(__file__).resolve().parents[1] / "experiments" / "vision_tiny.py"
+TOK = tok_lib.train_bpe(iw.text_corpus(300), 360)
+CFG = vlm.VLMConfig(vit.ViTConfig(d_model=16, n_layer=1, n_head=2, mlp_ratio=2),
+                    GPTConfig(vocab_size=TOK.vocab_size, max_len=16 + 48, n_layer=1, n_head=2, d_model=16,
+                              dropout=0.0))
+
+
+def test_image_batches_layout_and_exact_resume():
+  it = iw.image_batches(TOK, 4, 48, n=12, seed=3, shuffle_seed=1, families=("shape", "count"))
+  assert it.stats.kept == 12
+  b = next(it)
+  assert b["images"].shape == (4, 32, 32, 3) and b["images"].dtype == np.float32
+  assert {k: b[k].shape for k in ("tokens", "targets", "mask", "attention_mask")} == {
+      k: (4, 48) for k in ("tokens", "targets", "mask", "attention_mask")}
+  for row in range(4):   # left-aligned encode_demonstration rows: [pads | prompt | answer EOS]
+    am = b["attention_mask"][row]
+    n = int(am.sum())
+    assert am[-1] == 1 and am[:48 - n].sum() == 0 and am[48 - n:].all()
+    assert b["tokens"][row, -1] == TOK.eos_id and b["mask"][row, -1] == 0   # nothing follows the EOS
+    found = [i for i in range(12) if np.array_equal(iw.to_float(iw.sample_at(3, i, ("shape", "count"))["image"]),
+                                                    b["images"][row])]
+    s = iw.sample_at(3, found[0], ("shape", "count"))
+    ref = pipeline.encode_demonstration(TOK, iw.demonstration(s), 48)
+    np.testing.assert_array_equal(b["tokens"][row, 48 - n:], ref["tokens"][:n])
+    np.testing.assert_array_equal(b["mask"][row, 48 - n:], ref["mask"][:n])
+    assert TOK.decode(b["targets"][row][b["mask"][row] == 1].tolist()[:-1]).strip() == s["answer"]
+  state = it.get_state()
+  after = [next(it) for _ in range(4)]     # crosses an epoch (3 batches per epoch)
+  it.set_state(state)
+  again = [next(it) for _ in range(4)]
+  for x, y in zip(after, again):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  with pytest.raises(ValueError, match="raise max_len"):
+    iw.image_batches(TOK, 4, 12, n=8, seed=0)
+
+
+def test_vlm_loss_fn_is_the_response_loss_and_freezes_what_it_is_given():
+  params = vlm.init(CFG, jax.random.PRNGKey(0))
+  batch = next(iw.image_batches(TOK, 4, 48, n=4, seed=0))
+  loss, metrics = steps.vlm_loss_fn(CFG)(params, batch, None)
+  ref, _ = lm_loss(vlm.logits(params, CFG, batch["images"], batch["tokens"], batch["attention_mask"]),
+                   batch["targets"], batch["mask"])
+  np.testing.assert_allclose(float(loss), float(ref), rtol=1e-6)
+  assert float(metrics["num_tokens"]) == float(batch["mask"].sum())
+  train, frozen = vision.split_params(params, "projector")
+  assert list(train) == ["projector"] and sorted(frozen) == ["gpt", "vit"]
+  assert [sorted(p) for p in vision.split_params(params, "decoder_projector")] == [["gpt", "projector"], ["vit"]]
+  fn = steps.vlm_loss_fn(CFG, frozen)
+  np.testing.assert_allclose(float(fn(train, batch, None)[0]), float(loss), rtol=1e-6)
+  grads = jax.grad(lambda p: fn(p, batch, None)[0])(train)
+  assert list(grads) == ["projector"] and float(jnp.abs(grads["projector"]["fc_kernel"]).sum()) > 0
+  # the image matters to the loss (a blank image changes it)
+  blank = dict(batch, images=np.zeros_like(batch["images"]))
+  assert abs(float(steps.vlm_loss_fn(CFG)(params, blank, None)[0]) - float(loss)) > 1e-6
+  with pytest.raises(ValueError, match="both trained and frozen"):
+    steps.vlm_loss_fn(CFG, frozen)(params, batch, None)
+  with pytest.raises(ValueError, match="trainable='ViT'"):
+    vision.split_params(params, "ViT")
+
+
+class Stop(Exception):
+  pass
+
+
+def _config(**overrides):
+  exp = load_experiment(str(EXP))
+  c = exp.get_config()
+  c.preset = "smoke"
+  for k, v in overrides.items():
+    c.update_from_flattened_dict({k: v})
+  return exp, c
+
+
+def _sft_losses(workdir):
+  """{step: sft train loss}; a replayed step's later line wins."""
+  return {h["step"]: h["sft/loss"] for h in loop.read_metrics(str(Path(workdir) / "sft")) if "sft/loss" in h}
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("vision")
+  exp, c = _config()
+  full = exp.train(c, str(root / "full"))
+
+  def stop(step, state, metrics):
+    if step == 15:
+      raise Stop()
+
+  with pytest.raises(Stop):
+    vision.run(rcfg.apply_preset(_config()[1], exp.PRESETS), str(root / "crash"), hooks={"sft": [stop]})   # sft checkpoint at 10; steps 11-15 lost
+  resumed = exp.train(_config()[1], str(root / "crash"))           # align done; sft resumes at 10
+  return {"root": root, "full": full, "resumed": resumed}
+
+
+def test_smoke_run_trains_and_reports_the_blank_image_baseline(smoke_runs):
+  root, full = smoke_runs["root"], smoke_runs["full"]
+  for name in ("align", "sft"):
+    st = full["stages"][name]
+    assert st["final_loss"] < st["first_logged_loss"], (name, st)
+  assert full["stages"]["align"]["trained_subtrees"] == ["projector"]
+  assert full["stages"]["sft"]["trained_subtrees"] == ["gpt", "projector", "vit"]
+  # the align checkpoint holds the projector only: ViT and decoder had no optimizer state and stayed
+  assert list(checkpoint.load_params(str(root / "full" / "align" / "checkpoints"))) == ["projector"]
+  saved = json.loads((root / "full" / "results.json").read_text())
+  for key in ("with_image", "blank_image"):
+    assert set(saved["eval"][key]) == set(iw.FAMILIES) | {"mean"}
+    assert all(0.0 <= v <= 1.0 for v in saved["eval"][key].values())
+  table = (root / "full" / "results.md").read_text()
+  assert "| family | with image | blank image | gain |" in table and all(f"| {f} |" in table for f in iw.FAMILIES)
+
+
+def test_smoke_run_resumes_exactly(smoke_runs):
+  root = smoke_runs["root"]
+  full, crash = _sft_losses(root / "full"), _sft_losses(root / "crash")
+  assert sorted(crash) == sorted(full) == [5, 10, 15, 20]
+  np.testing.assert_allclose([crash[s] for s in (15, 20)], [full[s] for s in (15, 20)], rtol=1e-6)
+  a = checkpoint.load_params(str(root / "full" / "sft" / "checkpoints"))
+  b = checkpoint.load_params(str(root / "crash" / "sft" / "checkpoints"))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert smoke_runs["resumed"]["eval"] == smoke_runs["full"]["eval"]
+
+
+def test_recipe_rejects_shared_streams_and_cut_eval_prompts(tmp_path):
+  exp, c = _config(**{"data.eval_seed": 0})
+  with pytest.raises(ValueError, match="eval_seed must differ"):
+    exp.train(c, str(tmp_path))
+  with pytest.raises(ValueError, match="raise config.max_len"):
+    vision.answers(None, CFG, TOK, [iw.sample_at(0, 3)], blank=False, batch_size=1, max_prompt_len=20,
+                   max_new_tokens=4)
