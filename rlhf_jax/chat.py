@@ -12,6 +12,16 @@ the context window the oldest exchanges are dropped first (never the system mess
 --temperature 0 decodes greedily.
 Decoding uses `sampling.prefill` + `sampling.decode_step` on a prompt left-padded to a fixed
 length, so every turn reuses the same two compiled programs.
+
+  python -m rlhf_jax.chat --workdir runs/vision --image picture.png [--temperature 0]
+
+With --image the workdir is a vision run (experiments/vision_tiny.py; its sft stage, or
+--stage align / sft) loaded by `recipes.vision.load_vision_stage`, the PNG is read by
+`image_world.load_png` (the encoder's image size), and each user line is a question about that
+image, answered on its own (no history: the SFT stage was trained on single turns) in the training
+prompt format: one user turn "<image>\n" + the line (`image_world.prompt_text`), answered by
+`vlm.generate` (greedy with --temperature 0) and printed when done. --system is not accepted with
+--image; --max_new_tokens defaults to the run's eval.max_new_tokens.
 """
 from __future__ import annotations
 
@@ -25,6 +35,8 @@ import numpy as np
 
 from rlhf_jax import sampling
 from rlhf_jax.data import chat_format
+from rlhf_jax.data import image_world as iw
+from rlhf_jax.data import pipeline
 from rlhf_jax.data.tokenizer import Tokenizer
 from rlhf_jax.train import stages
 
@@ -51,6 +63,12 @@ def load_chat_model(workdir: str, stage: str | None = None):
   if stages.is_hf_dir(path):
     m = stages.load_model(path, expect="hf", key="workdir")
     return m.info, m.config, m.tok, m.params
+  info = stages.read_stage(path) if stages.is_stage_dir(path) else None
+  if info is None and stages.is_stage_dir(os.path.join(path, "sft")):
+    info = stages.read_stage(os.path.join(path, "sft"))   # a vision run's workdir: name it below
+  if info is not None and "vit" in info:
+    raise ValueError(f"{_WHERE}: {path} holds a vision stage ({info.get('stage')!r}); chat with it about an "
+                     "image: --image PATH.png")
   info, cfg, tok, params = stages.load_stage(path)  # RL stages: checkpoint.load_params reads the policy
   if isinstance(params, dict) and ("head" in params or "gpt" in params):
     raise ValueError(f"{_WHERE}: {path} holds a {info.get('stage')!r} stage with a scalar head (reward/value "
@@ -172,6 +190,75 @@ def chat_loop(params, cfg, tok: Tokenizer, lines, write: Callable[[str], None], 
   return history
 
 
+# ------------------------------------------------------------------------------ image chat
+def image_prompt(text: str) -> list[dict]:
+  """The SFT stage's prompt for a question about the image: one user turn, IMAGE_TOKEN + newline +
+  the question (`image_world.prompt_text`); a line that already has the marker is kept as it is."""
+  content = text if iw.IMAGE_TOKEN in text else iw.prompt_text({"question": text})
+  iw.check_prompt_images(content, 1)
+  return [{"role": "user", "content": content}]
+
+
+def image_reply(params, cfg, tok: Tokenizer, image, text: str, rng, *, max_new_tokens: int,
+                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> str:
+  """One answer (text up to the first stop token) to `text` about `image` (uint8 or float
+  [H,W,3]) from a vision model (`vlm.VLMConfig`); temperature 0 = greedy. Raises ValueError
+  when the prompt does not fit the text window left by max_new_tokens."""
+  from rlhf_jax.model import vlm
+  budget = cfg.gpt.max_len - cfg.num_image_tokens - max_new_tokens + 1
+  messages = image_prompt(text)
+  n = len(chat_format.encode_prompt(tok, messages))
+  if n > budget:
+    raise ValueError(f"{_WHERE}: the question needs {n} prompt tokens but the context window leaves room "
+                     f"for {budget} after the image and {max_new_tokens} new tokens; ask a shorter question")
+  toks, mask = pipeline.encode_prompt_left_padded(tok, messages, budget)
+  gen = vlm.generate(params, cfg, iw.to_float(image)[None], toks[None], mask[None], rng,
+                     max_new_tokens=max_new_tokens, temperature=temperature or 1.0, top_k=top_k, top_p=top_p,
+                     eos_id=tok.eos_id, pad_id=tok.pad_id, greedy=temperature == 0)
+  ids = [int(t) for t in np.asarray(gen["tokens"])[0]]
+  cut = next((j for j, t in enumerate(ids) if t in tok.stop_ids), len(ids))
+  text = tok.decode(ids[:cut])
+  for s in tok.special_strings:
+    text = text.replace(s, "")
+  return text
+
+
+def image_chat_loop(params, cfg, tok: Tokenizer, image, lines, write: Callable[[str], None], *,
+                    temperature: float = 0.7, top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 8,
+                    seed: int = 0, prompt: Callable[[], None] = lambda: None) -> list[str]:
+  """Answers each input line about `image` (each on its own); returns the answers. The commands are
+  the text chat's (/reset has no history to clear here)."""
+  room = cfg.gpt.max_len - cfg.num_image_tokens
+  if not 1 <= max_new_tokens < room:
+    raise ValueError(f"{_WHERE}: max_new_tokens={max_new_tokens} must be in [1, text window {room})")
+  if temperature < 0:
+    raise ValueError(f"{_WHERE}: temperature must be >= 0 (0 = greedy), got {temperature}")
+  image = iw.check_image(image, cfg.vit.image_size, cfg.vit.channels, where=f"{_WHERE}: --image")
+  rng = jax.random.PRNGKey(seed)
+  out: list[str] = []
+  prompt()
+  for line in lines:
+    text = line.rstrip("\r\n")
+    command = text.strip()
+    if command == "/exit":
+      break
+    if command == "/reset":
+      write("[no history to clear: with --image each question is answered on its own]\n")
+    elif command.startswith("/"):
+      write(commands_help(command.split()[0]))
+    elif command:
+      try:
+        reply = image_reply(params, cfg, tok, image, text, jax.random.fold_in(rng, len(out)),
+                            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+      except ValueError as e:
+        write(f"[error: {e}]\n")
+      else:
+        write(f"Assistant: {reply}\n")
+        out.append(reply)
+    prompt()
+  return out
+
+
 def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> None:
   p = argparse.ArgumentParser(prog="python -m rlhf_jax.chat", description=__doc__.split("\n")[0])
   p.add_argument("--workdir", required=True, help="a stage workdir (or the parent of --stage), or a Hugging Face model directory")
@@ -180,7 +267,9 @@ def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> None:
   p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
   p.add_argument("--top_k", type=int, default=0)
   p.add_argument("--top_p", type=float, default=1.0)
-  p.add_argument("--max_new_tokens", type=int, default=64)
+  p.add_argument("--max_new_tokens", type=int, default=None,
+                 help="default 64 (with --image: the vision run's eval.max_new_tokens)")
+  p.add_argument("--image", default=None, help="a PNG to ask a vision stage (experiments/vision_tiny.py) about")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
@@ -189,17 +278,40 @@ def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> None:
     stdout.write(s)
     stdout.flush()
 
+  interactive = stdin.isatty()
+  if args.image is not None:
+    from rlhf_jax.recipes import vision
+    try:
+      if args.system:
+        raise ValueError(f"{_WHERE}: --system is not accepted with --image (the vision SFT stage was trained "
+                         "without a system message)")
+      path = os.path.join(args.workdir, args.stage) if args.stage else args.workdir
+      if not os.path.isdir(path):
+        raise ValueError(f"{_WHERE}: {path} does not exist")
+      info, cfg, tok, params = vision.load_vision_stage(path)
+      image = iw.load_png(args.image, size=cfg.vit.image_size)
+      if interactive:
+        write(f"[{info['stage']} model, image {args.image}; each line is a question about it, /exit quits]\n")
+      n_new = int(info.get("max_new_tokens", 8)) if args.max_new_tokens is None else args.max_new_tokens
+      image_chat_loop(params, cfg, tok, image, iter(stdin.readline, ""), write, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_new_tokens=n_new,
+                      prompt=(lambda: write("User: ")) if interactive else (lambda: None))
+    except ValueError as e:
+      sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+      write("\n")
+    return
   try:
     info, cfg, tok, params = load_chat_model(args.workdir, args.stage)
   except ValueError as e:
     sys.exit(f"error: {e}")
-  interactive = stdin.isatty()
   if interactive:
     write(f"[{info['stage']} model, {cfg.n_layer}x{cfg.d_model}, context {cfg.max_len} tokens; "
           "/reset clears the dialogue, /exit quits]\n")
+  n_new = 64 if args.max_new_tokens is None else args.max_new_tokens
   try:
     chat_loop(params, cfg, tok, iter(stdin.readline, ""), write, system=args.system, temperature=args.temperature,
-              top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
+              top_k=args.top_k, top_p=args.top_p, max_new_tokens=n_new, seed=args.seed,
               prompt=(lambda: write("User: ")) if interactive else (lambda: None))
   except ValueError as e:
     sys.exit(f"error: {e}")

@@ -152,3 +152,63 @@ def test_recipe_rejects_shared_streams_and_cut_eval_prompts(tmp_path):
   with pytest.raises(ValueError, match="raise config.max_len"):
     vision.answers(None, CFG, TOK, [iw.sample_at(0, 3)], blank=False, batch_size=1, max_prompt_len=20,
                    max_new_tokens=4)
+
+
+def test_chat_with_an_image_answers_as_vlm_generate_and_refuses_bad_inputs(smoke_runs, tmp_path):
+  import io
+  from rlhf_jax import chat
+  from rlhf_jax.model import gpt
+  from rlhf_jax.train import stages
+  run = smoke_runs["root"] / "full"
+  info, cfg, tok, params = vision.load_vision_stage(str(run))      # the run's workdir -> its sft stage
+  assert info["stage"] == "vision_sft" and cfg.vit.image_size == iw.SIZE and info["max_new_tokens"] == 8
+  sft = checkpoint.load_params(str(run / "sft" / "checkpoints"))   # "all" trained: the checkpoint is the model
+  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves({k: sft[k] for k in params})):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  s = iw.sample_at(5, 0)                                           # a shape image
+  png = tmp_path / "q.png"
+  iw.save_png(png, s["image"])
+  questions = [iw.sample_at(5, i)["task"]["question"] for i in range(len(iw.FAMILIES))]   # one per family
+  lines = "".join(q + "\n" for q in questions) + "/exit\nnot asked\n"
+  budget = cfg.gpt.max_len - cfg.num_image_tokens - 8 + 1
+  for temperature in (0.0, 1.0):   # greedy, then sampled (rng fold_in(seed, answer index))
+    out = io.StringIO()
+    chat.main(["--workdir", str(run), "--image", str(png), "--temperature", str(temperature), "--seed", "3"],
+              stdin=io.StringIO(lines), stdout=out)
+    replies = [r.rstrip("\n") for r in out.getvalue().split("Assistant: ")[1:]]
+    refs = []
+    for i, q in enumerate(questions):   # vlm.generate on the training prompt format [user: <image>\n question]
+      msgs = [{"role": "user", "content": iw.prompt_text({"question": q})}]
+      assert chat.image_prompt(q) == msgs
+      toks, mask = pipeline.encode_prompt_left_padded(tok, msgs, budget)
+      gen = vlm.generate(params, cfg, iw.to_float(s["image"])[None], toks[None], mask[None],
+                         jax.random.fold_in(jax.random.PRNGKey(3), i), max_new_tokens=8, temperature=1.0,
+                         eos_id=tok.eos_id, pad_id=tok.pad_id, greedy=temperature == 0)
+      ids = [int(t) for t in np.asarray(gen["tokens"])[0]]
+      refs.append(tok.decode(ids[:next((j for j, t in enumerate(ids) if t in tok.stop_ids), len(ids))]))
+    assert replies == refs, temperature   # one answer per question (nothing after /exit), generate's words
+  # the smoke model's greedy answer is EOS at once (its eval scores 0); sampled answers have words
+  assert any(refs)
+  assert iw.demonstration(s)["messages"] == [{"role": "user", "content": iw.prompt_text(s["task"])}]
+  # a corrupt PNG, a wrong-size PNG: load_png's errors
+  bad = tmp_path / "bad.png"
+  bad.write_bytes(png.read_bytes()[:40])
+  with pytest.raises(SystemExit, match="not a readable PNG"):
+    chat.main(["--workdir", str(run), "--image", str(bad)], stdin=io.StringIO(""), stdout=io.StringIO())
+  iw.save_png(tmp_path / "big.png", np.zeros((40, 40, 3), np.uint8))
+  with pytest.raises(SystemExit, match="must be 32x32"):
+    chat.main(["--workdir", str(run), "--image", str(tmp_path / "big.png")], stdin=io.StringIO(""),
+              stdout=io.StringIO())
+  # --image on a text-only stage; a vision stage without --image
+  text = tmp_path / "text" / "sft"
+  stages.write_stage(str(text), "sft", CFG.gpt, TOK)
+  ckpt = checkpoint.Checkpointer(str(text / "checkpoints"), async_save=False)
+  ckpt.save(1, {"params": gpt.init(CFG.gpt, jax.random.PRNGKey(0)), "step": np.int32(1)})
+  ckpt.close()
+  with pytest.raises(SystemExit, match="text-only model"):
+    chat.main(["--workdir", str(tmp_path / "text"), "--stage", "sft", "--image", str(png)],
+              stdin=io.StringIO(""), stdout=io.StringIO())
+  with pytest.raises(SystemExit, match="holds a vision stage"):
+    chat.main(["--workdir", str(run)], stdin=io.StringIO(""), stdout=io.StringIO())
+  with pytest.raises(ValueError, match="not a vision stage"):
+    vision.load_vision_stage(str(tmp_path))

@@ -22,9 +22,14 @@ derived), data {vocab_size, tokenizer_n, train_seed, eval_seed}, mesh, align / s
 families, n_train, batch_size, optim, loop, eval_batches}, eval {n_per_family, batch_size,
 max_new_tokens}.
 Writes workdir/results.json and workdir/results.md (the table); returns the results dict.
+Each finished stage also records itself for `load_vision_stage` (e.g. `python -m rlhf_jax.chat
+--workdir runs/vision --image x.png`): workdir/<stage>/stage.json (stage "vision_align" /
+"vision_sft", the decoder's GPTConfig as "model", the ViT's as "vit", the seed, the trained
+subtrees of each stage so far, eval.max_new_tokens) and the tokenizer in workdir/<stage>/tokenizer.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -40,12 +45,13 @@ from rlhf_jax.data import pipeline
 from rlhf_jax.data import tokenizer as tok_lib
 from rlhf_jax.model import vit, vlm
 from rlhf_jax.model.config import GPTConfig
-from rlhf_jax.train import loop, steps, supervised
+from rlhf_jax.train import checkpoint, loop, stages, steps, supervised
 
 _WHERE = "rlhf_jax/recipes/vision.py"
 TRAINABLE = {"projector": ("projector",), "decoder_projector": ("projector", "gpt"),
              "all": ("vit", "projector", "gpt")}
 STAGES = ("align", "sft")
+STAGE_KINDS = {name: f"vision_{name}" for name in STAGES}   # stage.json "stage" of each sub-stage
 
 
 # ------------------------------------------------------------------ model and tokenizer
@@ -119,6 +125,10 @@ def train_stage(config, name: str, workdir: str, cfg: vlm.VLMConfig, tok, params
       param_axes={k: axes[k] for k in train}, params=train, host_batches=batches, eval_batches=evals,
       eval_weight_key="num_tokens", name=name, hooks=hooks)
   trained = jax.device_get(state["params"])
+  done = STAGES[:STAGES.index(name) + 1]
+  stages.write_stage(stage_dir, STAGE_KINDS[name], cfg.gpt, tok, vit=dataclasses.asdict(cfg.vit),
+                     seed=int(config.seed), trained={n: list(TRAINABLE[str(config[n].trainable)]) for n in done},
+                     max_new_tokens=int(config.eval.max_new_tokens))
   losses = {int(h["step"]): float(h[f"{name}/loss"]) for h in loop.read_metrics(stage_dir) if f"{name}/loss" in h}
   steps_done = sorted(losses)
   summary = {"trainable": str(s.trainable), "trained_subtrees": sorted(train), "families": list(families),
@@ -129,6 +139,37 @@ def train_stage(config, name: str, workdir: str, cfg: vlm.VLMConfig, tok, params
              "eval_loss": last.get("eval/loss"), "eval_token_accuracy": last.get("eval/accuracy"),
              "seconds": round(time.perf_counter() - t0, 1)}
   return {**jax.device_get(frozen), **trained}, summary
+
+
+def load_vision_stage(workdir: str):
+  """(stage info, VLMConfig, tokenizer, full VLM params) of a finished vision stage: workdir is
+  a stage directory (workdir/align, workdir/sft) or a vision run's workdir (its sft stage).
+
+  The params are rebuilt as the run built them: `vlm.init` from the recorded seed, then each
+  stage's checkpoint (its trained subtrees) over it, in order. Raises ValueError when the
+  directory is not a vision stage (a text-only stage, or nothing recorded)."""
+  path = workdir
+  if not stages.is_stage_dir(path) and stages.is_stage_dir(os.path.join(workdir, "sft")):
+    path = os.path.join(workdir, "sft")
+  if not stages.is_stage_dir(path):
+    raise ValueError(f"{_WHERE}: {workdir} is not a vision stage: no stage.json there or in its sft/ "
+                     "(train one with python -m rlhf_jax.main --config experiments/vision_tiny.py; a run "
+                     "from before stages were recorded records them when re-run in the same workdir)")
+  info = stages.read_stage(path)
+  if info.get("stage") not in STAGE_KINDS.values() or "vit" not in info:
+    raise ValueError(f"{_WHERE}: {path} holds a {info.get('stage')!r} stage (a text-only model); an image "
+                     f"needs a vision stage ({', '.join(STAGE_KINDS.values())}: experiments/vision_tiny.py)")
+  cfg = vlm.VLMConfig(vit._as_config(info["vit"]), GPTConfig(**info["model"]))
+  tok = tok_lib.load(os.path.join(path, "tokenizer"))
+  params = jax.device_get(vlm.init(cfg, jax.random.PRNGKey(int(info["seed"]))))
+  run_dir = os.path.dirname(os.path.abspath(path))
+  for name in STAGES[:STAGES.index(info["stage"][len("vision_"):]) + 1]:
+    trained = checkpoint.load_params(os.path.join(run_dir, name, "checkpoints"))
+    if sorted(trained) != sorted(info["trained"][name]):
+      raise ValueError(f"{_WHERE}: {run_dir}/{name}/checkpoints holds {sorted(trained)}, but stage.json "
+                       f"records {sorted(info['trained'][name])} trained there")
+    params = {**params, **jax.device_get(trained)}
+  return info, cfg, tok, params
 
 
 # ------------------------------------------------------------------ evaluation
