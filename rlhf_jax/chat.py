@@ -147,6 +147,25 @@ def stream_reply(params, cfg, tok: Tokenizer, prompt_ids: Sequence[int], rng, *,
   return text
 
 
+def _user_lines(lines, write: Callable[[str], None], prompt: Callable[[], None], on_reset: Callable[[], None]):
+  """The input lines meant for the model (raw text, line end stripped), after the commands: /exit stops,
+  /reset calls on_reset(), any other line starting with "/" (e.g. /quit) prints the command list and is
+  never sent to the model, blank lines are skipped. prompt() runs before each line is read."""
+  prompt()
+  for line in lines:
+    text = line.rstrip("\r\n")
+    command = text.strip()
+    if command == "/exit":
+      return
+    if command == "/reset":
+      on_reset()
+    elif command.startswith("/"):
+      write(commands_help(command.split()[0]))
+    elif command:
+      yield text
+    prompt()
+
+
 def chat_loop(params, cfg, tok: Tokenizer, lines, write: Callable[[str], None], *, system: str | None = None,
               temperature: float = 0.7, top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 64,
               seed: int = 0, prompt: Callable[[], None] = lambda: None) -> list[dict]:
@@ -162,31 +181,25 @@ def chat_loop(params, cfg, tok: Tokenizer, lines, write: Callable[[str], None], 
   history: list[dict] = []
   rng = jax.random.PRNGKey(seed)
   turn = 0
-  prompt()
-  for line in lines:
-    text = line.rstrip("\r\n")
-    command = text.strip()
-    if command == "/exit":
-      break
-    if command == "/reset":
-      history = []
-      write("[history cleared]\n")
-    elif command.startswith("/"):   # an unknown command (e.g. /quit) is never sent to the model
-      write(commands_help(command.split()[0]))
-    elif command:
-      try:
-        tok.chat.validate([{"role": "user", "content": text}])
-        kept, ids = fit_history(tok, system, history + [{"role": "user", "content": text}], prompt_len)
-      except ValueError as e:
-        write(f"[error: {e}]\n")
-      else:
-        write("Assistant: ")
-        reply = stream_reply(params, cfg, tok, ids, jax.random.fold_in(rng, turn), prompt_len=prompt_len,
-                             max_new_tokens=max_new_tokens, temperature=temperature or 1.0, spec=spec, write=write)
-        write("\n")
-        history = kept + [{"role": "assistant", "content": reply}]
-        turn += 1
-    prompt()
+
+  def reset():
+    nonlocal history
+    history = []
+    write("[history cleared]\n")
+
+  for text in _user_lines(lines, write, prompt, reset):
+    try:
+      tok.chat.validate([{"role": "user", "content": text}])
+      kept, ids = fit_history(tok, system, history + [{"role": "user", "content": text}], prompt_len)
+    except ValueError as e:
+      write(f"[error: {e}]\n")
+    else:
+      write("Assistant: ")
+      reply = stream_reply(params, cfg, tok, ids, jax.random.fold_in(rng, turn), prompt_len=prompt_len,
+                           max_new_tokens=max_new_tokens, temperature=temperature or 1.0, spec=spec, write=write)
+      write("\n")
+      history = kept + [{"role": "assistant", "content": reply}]
+      turn += 1
   return history
 
 
@@ -236,26 +249,16 @@ def image_chat_loop(params, cfg, tok: Tokenizer, image, lines, write: Callable[[
   image = iw.check_image(image, cfg.vit.image_size, cfg.vit.channels, where=f"{_WHERE}: --image")
   rng = jax.random.PRNGKey(seed)
   out: list[str] = []
-  prompt()
-  for line in lines:
-    text = line.rstrip("\r\n")
-    command = text.strip()
-    if command == "/exit":
-      break
-    if command == "/reset":
-      write("[no history to clear: with --image each question is answered on its own]\n")
-    elif command.startswith("/"):
-      write(commands_help(command.split()[0]))
-    elif command:
-      try:
-        reply = image_reply(params, cfg, tok, image, text, jax.random.fold_in(rng, len(out)),
-                            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
-      except ValueError as e:
-        write(f"[error: {e}]\n")
-      else:
-        write(f"Assistant: {reply}\n")
-        out.append(reply)
-    prompt()
+  reset = lambda: write("[no history to clear: with --image each question is answered on its own]\n")
+  for text in _user_lines(lines, write, prompt, reset):
+    try:
+      reply = image_reply(params, cfg, tok, image, text, jax.random.fold_in(rng, len(out)),
+                          max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    except ValueError as e:
+      write(f"[error: {e}]\n")
+    else:
+      write(f"Assistant: {reply}\n")
+      out.append(reply)
   return out
 
 

@@ -204,15 +204,19 @@ def _emit(state: State, logits, spec: SamplingSpec) -> State:
 
 # ----------------------------------------------------------------- cached decoding
 def _prefill(params, cfg: GPTConfig, prompt_tokens, prompt_mask, rng, temperature, eos_id, pad_id,
-             max_new_tokens: int, spec: SamplingSpec) -> State:
+             max_new_tokens: int, spec: SamplingSpec, prefix_embeds=None) -> State:
+  """prefix_embeds: optional [B,P,D] input embeddings read before the prompt (`gpt.forward`; the image
+  tokens of `model/vlm.py`): the sequence is [prefix | left pads | prompt], the prefix always real."""
   b, tp = prompt_tokens.shape
   n = max_new_tokens
   prompt_mask = prompt_mask.astype(jnp.int32)
+  if prefix_embeds is not None:
+    prompt_mask = jnp.concatenate([jnp.ones((b, prefix_embeds.shape[1]), jnp.int32), prompt_mask], axis=1)
   params = gpt.decode_params(params, cfg)
-  cache = gpt.unstack_cache(gpt.init_cache(cfg, b, tp + n - 1))   # one buffer per layer, updated in place
+  cache = gpt.unstack_cache(gpt.init_cache(cfg, b, prompt_mask.shape[1] + n - 1))   # one buffer per layer
   cache_mask = jnp.concatenate([prompt_mask, jnp.zeros((b, n - 1), jnp.int32)], axis=1)
   hidden, cache = gpt.forward(params, cfg, prompt_tokens.astype(jnp.int32), cache_mask,
-                              gpt.positions_from_mask(prompt_mask), cache, 0)
+                              gpt.positions_from_mask(prompt_mask), cache, 0, prefix_embeds=prefix_embeds)
   logits = gpt.unembed(params, cfg, hidden[:, -1])
   state = {
       "cache": cache,
@@ -255,10 +259,10 @@ def outputs(state: State) -> dict:
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "spec"))
 def _generate_jit(params, config, prompt_tokens, prompt_mask, rng, temperature, eos_id, pad_id, *,
-                  max_new_tokens, spec):
+                  max_new_tokens, spec, prefix_embeds=None):
   params = gpt.decode_params(params, config)   # weights sliced per layer once, not on every decode step
   state = _prefill(params, config, prompt_tokens, prompt_mask, rng, temperature, eos_id, pad_id,
-                   max_new_tokens, spec)
+                   max_new_tokens, spec, prefix_embeds)
   # Stop when every row has ended: remaining columns already hold pad / 0 / mask 0.
   cond = lambda s: (s["step"] < max_new_tokens - 1) & ~jnp.all(s["ended"])
   state = jax.lax.while_loop(cond, lambda s: _decode_step(params, config, s, spec), state)

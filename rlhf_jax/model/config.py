@@ -170,11 +170,16 @@ class GPTConfig:
       base = dataclasses.asdict(preset(d.pop("preset")))
       base.update({k: v for k, v in d.items() if v is not None})
       d = base
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f"model config: unknown key(s) {unknown}; known keys: {sorted(known)}")
-    return cls(**d)
+    return from_fields(cls, d, "model config")
+
+
+def from_fields(cls, d: Mapping[str, Any], what: str):
+  """`cls(**d)` for a dataclass `cls`, with one ValueError naming `what` for keys it does not have."""
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - known)
+  if unknown:
+    raise ValueError(f"{what}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+  return cls(**d)
 
 
 # name: (n_layer, d_model, n_head, head_dim, max_len, vocab, pre_ln)

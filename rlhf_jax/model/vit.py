@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax import parallel
-from rlhf_jax.model.config import GPTConfig
+from rlhf_jax.model.config import GPTConfig, from_fields
 from rlhf_jax.model.layers import Block, dense, layer_norm
 
 _WHERE = "rlhf_jax/model/vit.py"
@@ -96,12 +96,7 @@ class ViTConfig:
 def _as_config(config) -> ViTConfig:
   if isinstance(config, ViTConfig):
     return config
-  d = dict(config)
-  known = {f.name for f in dataclasses.fields(ViTConfig)}
-  unknown = sorted(set(d) - known)
-  if unknown:
-    raise ValueError(f"{_WHERE}: unknown ViT config key(s) {unknown}; known keys: {sorted(known)}")
-  return ViTConfig(**d)
+  return from_fields(ViTConfig, dict(config), f"{_WHERE}: ViT config")
 
 
 @functools.lru_cache(maxsize=16)

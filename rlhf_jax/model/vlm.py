@@ -11,8 +11,9 @@ Sequence layout, decided here: [image tokens | left padding | text tokens]
   * The full mask is concat(ones [B,P], text_mask); `gpt.positions_from_mask` of it gives the image
     positions 0..P-1 and the text positions P, P+1, ... from its first real token, so a padded row
     has the positions, the attention (pads masked) and hence the logits of the unpadded row.
-  * Decoding on the KV cache: the prefill writes the P + Tp columns into slots [0, P+Tp) (image
-    slots marked real in the cache mask), then `sampling._decode_step` continues at slot P+Tp+i,
+  * Decoding on the KV cache: the prefill (`sampling._prefill` with `prefix_embeds`) writes the
+    P + Tp columns into slots [0, P+Tp) (image slots marked real in the cache mask), then
+    `sampling._decode_step` continues at slot P+Tp+i,
     position (P + real text length) + i. Attention is causal over the whole sequence, the image
     block included (LLaVA's choice), so the cache holds the same K/V as the uncached forward.
 
@@ -115,45 +116,13 @@ def logits(params: Params, config: VLMConfig, images, tokens, mask=None, dropout
 
 
 # ----------------------------------------------------------------- cached decoding
-def _prefill(params: Params, config: VLMConfig, images, prompt_tokens, prompt_mask, rng, temperature, eos_id,
-             pad_id, max_new_tokens: int, spec: sampling.SamplingSpec):
-  """`sampling._prefill` with the image prefix: same decode state, so `sampling._decode_step` continues it."""
-  cfg = config.gpt
-  b, tp = prompt_tokens.shape
-  p, n = config.num_image_tokens, max_new_tokens
-  mask = full_mask(config, prompt_mask)                                   # [B,P+Tp]
-  gparams = gpt.decode_params(params["gpt"], cfg)
-  cache = gpt.unstack_cache(gpt.init_cache(cfg, b, p + tp + n - 1))
-  cache_mask = jnp.concatenate([mask, jnp.zeros((b, n - 1), jnp.int32)], axis=1)
-  hidden, cache = gpt.forward(gparams, cfg, prompt_tokens.astype(jnp.int32), cache_mask,
-                              gpt.positions_from_mask(mask), cache, 0,
-                              prefix_embeds=image_tokens(params, config, images))
-  state = {
-      "cache": cache,
-      "cache_mask": cache_mask,
-      "prompt_lengths": jnp.sum(mask, axis=1),        # image tokens + real text = position of token 0
-      "step": jnp.zeros((), jnp.int32),
-      "tokens": jnp.full((b, n), pad_id, jnp.int32),
-      "logprobs": jnp.zeros((b, n), jnp.float32),
-      "mask": jnp.zeros((b, n), jnp.int32),
-      "ended": jnp.zeros((b,), bool),
-      "rng": rng,
-      "temperature": jnp.asarray(temperature, jnp.float32),
-      "eos_id": jnp.asarray(eos_id, jnp.int32),
-      "pad_id": jnp.asarray(pad_id, jnp.int32),
-  }
-  return sampling._emit(state, gpt.unembed(gparams, cfg, hidden[:, -1]), spec)
-
-
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "spec"))
 def _generate_jit(params, config, images, prompt_tokens, prompt_mask, rng, temperature, eos_id, pad_id, *,
                   max_new_tokens, spec):
-  state = _prefill(params, config, images, prompt_tokens, prompt_mask, rng, temperature, eos_id, pad_id,
-                   max_new_tokens, spec)
-  gparams = gpt.decode_params(params["gpt"], config.gpt)
-  cond = lambda s: (s["step"] < max_new_tokens - 1) & ~jnp.all(s["ended"])
-  state = jax.lax.while_loop(cond, lambda s: sampling._decode_step(gparams, config.gpt, s, spec), state)
-  return sampling.outputs(state)
+  """`sampling`'s generation program with the image tokens as the decoder's prefix."""
+  return sampling._generate_jit(params["gpt"], config.gpt, prompt_tokens, prompt_mask, rng, temperature, eos_id,
+                                pad_id, max_new_tokens=max_new_tokens, spec=spec,
+                                prefix_embeds=image_tokens(params, config, images))
 
 
 def generate(params: Params, config: VLMConfig, images, prompt_tokens, prompt_mask, rng, *,
