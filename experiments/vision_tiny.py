@@ -14,6 +14,7 @@ import ml_collections as mlc
 from rlhf_jax import config as rcfg
 from rlhf_jax.data import image_world as iw
 from rlhf_jax.recipes import vision
+from rlhf_jax.train import ppo
 
 _SMOKE_STAGE = {"n_train": 96, "batch_size": 8, "eval_batches": 1, "loop.log_every": 5, "loop.ckpt_every": 10,
                 "optim.warmup_steps": 2}
@@ -25,7 +26,11 @@ PRESETS = {
               "gpt.n_head": 2, "data.tokenizer_n": 300,
               **{f"align.{k}": v for k, v in _SMOKE_STAGE.items()}, "align.loop.num_steps": 10,
               **{f"sft.{k}": v for k, v in _SMOKE_STAGE.items()}, "sft.loop.num_steps": 20,
-              "eval.n_per_family": 4, "eval.batch_size": 8},
+              "eval.n_per_family": 4, "eval.batch_size": 8,
+              "rm.n_train": 320, "rm.n_eval": 40, "rm.k_max": 4, "rm.sample_batch_size": 320, "rm.n_norm_demos": 8,
+              "rm.batch_size": 8, "rm.loop.num_steps": 4, "rm.loop.log_every": 2, "rm.optim.warmup_steps": 1,
+              "ppo.batch_size": 8, "ppo.n_prompts": 32, "ppo.loop.num_steps": 3, "ppo.loop.log_every": 1,
+              "ppo.loop.ckpt_every": 2, "ppo.ppo.num_minibatches": 2, "ppo.ppo.value_warmup_iters": 1},
 }
 
 
@@ -41,7 +46,8 @@ def get_config():
   c = mlc.ConfigDict()
   c.preset = "default"
   c.seed = 0
-  c.max_len = 48            # text tokens per row (the longest prompt, a relation question, is ~41)
+  c.max_len = 52            # text tokens per row (the longest prompt, a relation question, is ~41; PPO
+                            # prompts get max_len - ppo.max_new_tokens)
   c.vit = mlc.ConfigDict(dict(image_size=32, patch_size=8, channels=3, d_model=64, n_layer=2, n_head=4,
                               mlp_ratio=2, pool="none"))   # 16 image tokens
   c.gpt = mlc.ConfigDict(dict(n_layer=2, n_head=4, d_model=64, dropout=0.0))
@@ -50,6 +56,23 @@ def get_config():
   c.align = _stage("projector", "caption", n_train=2000, steps=150, lr=3e-3)
   c.sft = _stage("all", ",".join(iw.FAMILIES), n_train=40000, steps=4000, lr=2e-3)
   c.eval = mlc.ConfigDict(dict(n_per_family=50, batch_size=50, max_new_tokens=8))
+  # RLHF on image prompts (recipes/vision_rlhf.py): the K-wise RM on gold-ranked SFT samples, then PPO.
+  c.rlhf = True
+  c.data.rm_seed, c.data.ppo_seed = 2, 3
+  rm_loop = rcfg.loop(num_steps=150, log_every=25, ckpt_every=50, progress=False)
+  rm_loop.tensorboard = False
+  c.rm = mlc.ConfigDict(dict(n_train=2000, n_eval=300, k_min=4, k_max=9, temperature=0.7, max_new_tokens=8,
+                             sample_batch_size=256, n_norm_demos=256, batch_size=32, loop=rm_loop,
+                             optim=rcfg.optim(lr=1e-4, total_steps=150, warmup_steps=10, weight_decay=0.0)))
+  ppo_sec = ppo.default_config()
+  ppo_sec.update(dict(max_new_tokens=8, temperature=0.7, kl_target=0.0, init_kl_beta=0.1, ppo_epochs=2,
+                      num_minibatches=4, value_warmup_iters=3))
+  ppo_loop = rcfg.loop(num_steps=60, log_every=5, ckpt_every=20, progress=False)
+  ppo_loop.tensorboard = False
+  c.ppo = mlc.ConfigDict(dict(
+      batch_size=64, n_prompts=4000, ppo=ppo_sec, loop=ppo_loop,
+      optim=rcfg.optim(lr=5e-5, warmup_steps=0, weight_decay=0.0, schedule="constant", grad_clip=1.0),
+      value_optim=rcfg.optim(lr=1e-4, warmup_steps=0, weight_decay=0.0, schedule="constant", grad_clip=1.0)))
   return c
 
 

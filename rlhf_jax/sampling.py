@@ -105,6 +105,18 @@ def _check_prompt(cfg: GPTConfig, prompt_tokens, prompt_mask, max_new_tokens: in
   gpt.check_tokens(prompt_tokens, cfg)
 
 
+def _check_prefix(cfg: GPTConfig, tokens, prefix_embeds, extra: int, fn: str) -> None:
+  """prefix_embeds must be None or [B,P,D] with P + T + extra <= max_len."""
+  if prefix_embeds is None:
+    return
+  b, t = tokens.shape
+  if prefix_embeds.ndim != 3 or prefix_embeds.shape[0] != b or prefix_embeds.shape[2] != cfg.d_model:
+    raise ValueError(f"{_WHERE}:{fn}: prefix_embeds {tuple(prefix_embeds.shape)} must be [B={b},P,D={cfg.d_model}]")
+  if prefix_embeds.shape[1] + t + extra > cfg.max_len:
+    raise ValueError(f"{_WHERE}:{fn}: {prefix_embeds.shape[1]} prefix positions + {t} tokens"
+                     + (f" + {extra} more generated" if extra else "") + f" exceed max_len={cfg.max_len}")
+
+
 def _check_token_id(cfg: GPTConfig, name: str, value, fn: str, allow_none: bool) -> None:
   if value is None and allow_none:
     return
@@ -270,13 +282,16 @@ def _generate_jit(params, config, prompt_tokens, prompt_mask, rng, temperature, 
 
 
 def generate(params, config, prompt_tokens, prompt_mask, rng, *, max_new_tokens: int, temperature=1.0,
-             top_k: int = 0, top_p: float = 1.0, eos_id: int | None, pad_id: int, greedy: bool = False) -> dict:
+             top_k: int = 0, top_p: float = 1.0, eos_id: int | None, pad_id: int, greedy: bool = False,
+             prefix_embeds=None) -> dict:
   """Samples up to max_new_tokens per row from the policy, one jitted program on the KV cache.
 
   params: the policy's GPT params; config: GPTConfig (or its dict).
   prompt_tokens int [B,Tp], prompt_mask [B,Tp] (LEFT-padded, 1 = real); rng: PRNG key.
   temperature: float > 0; top_k (0 = off), top_p (1.0 = off): see `SamplingSpec`;
   greedy=True takes the argmax (rng unused). eos_id None = no early stop.
+  prefix_embeds: optional [B,P,D] input embeddings read before the prompt (image tokens, always
+  real; `model/vlm.py` computes them): the window then needs P + Tp + max_new_tokens - 1 <= max_len.
   Static (recompiling) settings: shapes, max_new_tokens, top_k, top_p, greedy; temperature,
   eos_id and pad_id are traced.
   Returns dict:
@@ -289,11 +304,12 @@ def generate(params, config, prompt_tokens, prompt_mask, rng, *, max_new_tokens:
   """
   cfg = _config(config)
   _check_prompt(cfg, prompt_tokens, prompt_mask, max_new_tokens, "generate")
+  _check_prefix(cfg, prompt_tokens, prefix_embeds, max_new_tokens - 1, "generate")
   _check_temperature(temperature, "generate")
   spec = _make_spec(cfg, top_k, top_p, greedy, "generate")
   eos, pad = _token_ids(cfg, eos_id, pad_id, "generate")
   return _generate_jit(params, cfg, prompt_tokens, prompt_mask, rng, jnp.asarray(temperature, jnp.float32),
-                       eos, pad, max_new_tokens=int(max_new_tokens), spec=spec)
+                       eos, pad, max_new_tokens=int(max_new_tokens), spec=spec, prefix_embeds=prefix_embeds)
 
 
 _prefill_jit = jax.jit(_prefill, static_argnums=(1, 8, 9))
@@ -338,13 +354,14 @@ def decode_step(params, config, state: State, *, spec: SamplingSpec = SamplingSp
 
 
 # ----------------------------------------------------------------- recomputation
-def sequence_logprobs(params, config, tokens, mask, temperature=1.0, dropout_rng=None):
+def sequence_logprobs(params, config, tokens, mask, temperature=1.0, dropout_rng=None, prefix_embeds=None):
   """Per-token log-probs of tokens[:, 1:] in one uncached forward (pure; jit/grad it in the caller).
 
   tokens int [B,T]: the full left-padded prompt + right-padded response; mask [B,T] (1 = real).
   Returns float32 [B,T-1]: out[:, t] = log_softmax(logits[:, t] / temperature)[tokens[:, t+1]],
   zeroed unless both tokens t and t+1 are real (the first real token has no context). The response of a `generate` call with prompt length Tp
-  sits at out[:, Tp-1:].
+  sits at out[:, Tp-1:]. prefix_embeds: optional [B,P,D] read before the tokens (image tokens;
+  `gpt.hidden_states`), whose positions are not part of the output.
   """
   cfg = _config(config)
   if tokens.ndim != 2 or tuple(mask.shape) != tuple(tokens.shape):
@@ -352,8 +369,9 @@ def sequence_logprobs(params, config, tokens, mask, temperature=1.0, dropout_rng
                      f"{tuple(mask.shape)} must both be [B,T]")
   if tokens.shape[1] > cfg.max_len:
     raise ValueError(f"{_WHERE}:sequence_logprobs: sequence length {tokens.shape[1]} exceeds max_len={cfg.max_len}")
+  _check_prefix(cfg, tokens, prefix_embeds, 0, "sequence_logprobs")
   _check_temperature(temperature, "sequence_logprobs")
-  logits = gpt.logits(params, cfg, tokens, mask, dropout_rng)[:, :-1]
+  logits = gpt.logits(params, cfg, tokens, mask, dropout_rng, prefix_embeds)[:, :-1]
   logp = jax.nn.log_softmax(logits / temperature, axis=-1)
   out = jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
   return jnp.where((mask[:, :-1] > 0) & (mask[:, 1:] > 0), out, 0.0)

@@ -179,7 +179,7 @@ def test_slurm_sweep_is_a_job_array(tmp_path, capsys):
   script, _ = _slurm(["--nodes", "2", "--config", str(exp), "--workdir", "/w", "--sweep"], capsys)
   assert "#SBATCH --array=0,1,2" in script and "%x-%A_%a.out" in script
   tasks = _run_script(tmp_path, script, ntasks=2, extra_env={"SLURM_ARRAY_TASK_ID": "2"})
-  assert all(t.endswith(f"--workdir=/w --sweep --sweep_index=2") for t in tasks)
+  assert all(t.endswith("--workdir=/w --sweep --sweep_index=2") for t in tasks)
   script, _ = _slurm(["--config", str(exp), "--workdir", "/w", "--sweep_index", "1"], capsys)
   assert "--array" not in script and "--sweep --sweep_index=1'" in script
 

@@ -106,13 +106,18 @@ def smoke_runs(tmp_path_factory):
   exp, c = _config()
   full = exp.train(c, str(root / "full"))
 
-  def stop(step, state, metrics):
-    if step == 15:
-      raise Stop()
+  def stop_at(n):
+    def stop(step, state, metrics):
+      if step == n:
+        raise Stop()
+    return stop
 
-  with pytest.raises(Stop):
-    vision.run(rcfg.apply_preset(_config()[1], exp.PRESETS), str(root / "crash"), hooks={"sft": [stop]})   # sft checkpoint at 10; steps 11-15 lost
-  resumed = exp.train(_config()[1], str(root / "crash"))           # align done; sft resumes at 10
+  smoke = lambda: rcfg.apply_preset(_config()[1], exp.PRESETS)
+  with pytest.raises(Stop):   # sft checkpoint at 10; steps 11-15 lost
+    vision.run(smoke(), str(root / "crash"), hooks={"sft": [stop_at(15)]})
+  with pytest.raises(Stop):   # align done; sft resumes at 10; rm; ppo checkpoint at 2, iteration 3 lost
+    vision.run(smoke(), str(root / "crash"), hooks={"ppo": [stop_at(3)]})
+  resumed = exp.train(_config()[1], str(root / "crash"))           # ppo resumes at 2
   return {"root": root, "full": full, "resumed": resumed}
 
 
@@ -143,6 +148,34 @@ def test_smoke_run_resumes_exactly(smoke_runs):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert smoke_runs["resumed"]["eval"] == smoke_runs["full"]["eval"]
+  # the RL stage resumed from its iteration-2 checkpoint: iteration 3 and the policy are the same
+  ppo_log = lambda run: {h["step"]: h for h in loop.read_metrics(str(root / run / "ppo")) if "ppo/score" in h}
+  full_ppo, crash_ppo = ppo_log("full"), ppo_log("crash")
+  assert sorted(full_ppo) == sorted(crash_ppo) == [1, 2, 3]
+  for k in ("score", "kl", "approx_kl", "policy_loss", "value_loss"):
+    np.testing.assert_allclose(crash_ppo[3][f"ppo/{k}"], full_ppo[3][f"ppo/{k}"], rtol=1e-5, atol=1e-7)
+  assert smoke_runs["resumed"]["rlhf"] == smoke_runs["full"]["rlhf"]
+
+
+def test_smoke_run_does_rlhf_on_image_prompts(smoke_runs):
+  full, root = smoke_runs["full"], smoke_runs["root"]
+  rm, ppo_s = full["stages"]["rm"], full["stages"]["ppo"]
+  assert rm["train_comparisons"] > 0 and rm["eval_pairs"] > 0 and 0 <= rm["eval_pairwise_accuracy"] <= 1
+  recs = [json.loads(line) for line in (root / "full" / "rm" / "comparisons_train.jsonl").read_text().splitlines()]
+  assert len(recs) == rm["train_comparisons"]
+  for rec in recs:   # gold-ranked: the ranks order the image checker's scores
+    s = [iw.score(rec["task"], r) for r in rec["responses"]]
+    assert all((a < b) == (x > y) for a, x in zip(rec["ranks"], s) for b, y in zip(rec["ranks"], s))
+  assert [t["step"] for t in ppo_s["trace"]] == [1, 2, 3] and ppo_s["episodes"] == 3 * 8
+  saved = json.loads((root / "full" / "results.json").read_text())
+  for mode in ("greedy", "sampled"):
+    res = saved["rlhf"][mode]
+    assert set(res) == {"sft", "ppo"} and set(iw.FAMILIES) <= set(res["ppo"])
+    w = res["ppo"]["vs_sft_gold"]
+    assert w["wins"] + w["ties"] + w["losses"] == saved["rlhf"]["n"] == 4 * len(iw.FAMILIES)
+    assert w["ci95"][0] <= w["win_rate"] <= w["ci95"][1]
+  assert "rm_score" in saved["rlhf"]["sampled"]["ppo"]
+  assert "| PPO vs SFT |" in (root / "full" / "results.md").read_text()
 
 
 def test_recipe_rejects_shared_streams_and_cut_eval_prompts(tmp_path):

@@ -65,7 +65,7 @@ def _carry(record: Mapping) -> dict:
 
 def label_comparisons(prompt_records: Sequence[Mapping[str, Any]],
                       responses_per_prompt: Sequence[Sequence[str]], rng: np.random.Generator | None,
-                      noise_temperature: float = 0.0) -> RecordList:
+                      noise_temperature: float = 0.0, scorer=None) -> RecordList:
   """Gold-ranked comparison records, one per prompt that has a preference to learn.
 
   prompt_records[i] is a prompt record ({"messages"} ending with a user turn, optionally "task"
@@ -74,7 +74,8 @@ def label_comparisons(prompt_records: Sequence[Mapping[str, Any]],
   `gold.rank(..., rng, noise_temperature)` and the ranks made dense. Prompts left with < 2
   responses (`fewer_than_2_unique`) or with all responses tied (`all_tied`) are skipped and
   counted in `.stats`. Output records: {"messages", "responses", "ranks"} plus "id"/"task" if
-  present. rng is only used (and required) when noise_temperature > 0.
+  present. rng is only used (and required) when noise_temperature > 0. scorer: the gold scorer
+  (`gold.rank`'s; default the text world's `gold.score`).
   """
   if len(prompt_records) != len(responses_per_prompt):
     raise ValueError(f"comparisons.py: {len(prompt_records)} prompt records but "
@@ -100,7 +101,7 @@ def label_comparisons(prompt_records: Sequence[Mapping[str, Any]],
     if len(unique) < 2:
       tally.skip("fewer_than_2_unique", where)
       continue
-    ranks = gold.rank(_gold_prompt(record, messages, where), unique, rng, noise_temperature)
+    ranks = gold.rank(_gold_prompt(record, messages, where), unique, rng, noise_temperature, scorer)
     if len(set(ranks)) == 1:
       tally.skip("all_tied", where)
       continue

@@ -198,8 +198,9 @@ def _competition_ranks(scores: np.ndarray) -> list[int]:
 
 
 def rank(prompt, responses: Sequence[str], rng: np.random.Generator | None = None,
-         noise_temperature: float = 0.0) -> list[int]:
-  """Rank K responses (list of K ints, 0 = best).
+         noise_temperature: float = 0.0, scorer=None) -> list[int]:
+  """Rank K responses (list of K ints, 0 = best) by scorer(prompt, response) (default `score`;
+  e.g. `image_world.score` with the image task as the prompt).
 
   noise_temperature == 0: ranks by gold score, equal scores share a rank.
   noise_temperature > 0: Plackett-Luce: repeatedly pick the next-best among the remaining with
@@ -207,7 +208,7 @@ def rank(prompt, responses: Sequence[str], rng: np.random.Generator | None = Non
   """
   if noise_temperature < 0:
     raise ValueError(f"gold.py: noise_temperature must be >= 0, got {noise_temperature}")
-  scores = np.array([score(prompt, r) for r in responses], dtype=np.float64)
+  scores = np.array([(scorer or score)(prompt, r) for r in responses], dtype=np.float64)
   if noise_temperature == 0:
     return _competition_ranks(scores)
   if rng is None:

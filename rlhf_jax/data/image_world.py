@@ -338,6 +338,18 @@ def demonstration(s: dict) -> dict:
   return {"messages": [{"role": "user", "content": s["prompt"]}], "response": s["answer"]}
 
 
+def prompt_record(s: dict) -> dict:
+  """The sample as a prompt record {"messages": [user turn], "task": task dict} (no image: it is
+  redrawn from the task, `record_image`), e.g. for `pipeline.prompt_batches` and comparisons."""
+  return {"messages": [{"role": "user", "content": s["prompt"]}], "task": s["task"]}
+
+
+def record_image(record) -> dict[str, np.ndarray]:
+  """{"images": float32 [SIZE,SIZE,3]} drawn from a record's task: the `extra` of the pipeline's
+  prompt and comparison batches for image prompts (a picklable module function)."""
+  return {"images": to_float(render(resolve(record)))}
+
+
 def text_corpus(n: int, seed: int = 0) -> list[str]:
   """Prompts and answers of n samples (e.g. to train a tokenizer on)."""
   return [t for s in dataset(n, seed) for t in (s["prompt"], s["answer"])]

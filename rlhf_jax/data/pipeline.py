@@ -528,29 +528,38 @@ def sft_eval_batches(records: Records, tok: Tokenizer, batch_size: int, max_len:
 # -------------------------------------------------------------------- public: reward model
 
 
+def _with_extra(example: dict, extra: Callable[[Any], dict] | None, record: Any) -> dict:
+  """example plus extra(record)'s arrays (e.g. `image_world.record_image`: the prompt's image)."""
+  return example if extra is None else {**example, **extra(record)}
+
+
 @dataclasses.dataclass(frozen=True)
 class _ComparisonFn:
   tok: Tokenizer
   max_len: int
   k_max: int
+  extra: Callable[[Any], dict] | None = None
 
   def __call__(self, record, index, events, dropped):
-    return _comparison_example(self.tok, record, self.max_len, self.k_max, record_lib.record_where(record, index),
-                               index, events, dropped)
+    ex = _comparison_example(self.tok, record, self.max_len, self.k_max, record_lib.record_where(record, index),
+                             index, events, dropped)
+    return _with_extra(ex, self.extra, record)
 
 
 def comparison_batches(records: Records, tok: Tokenizer, global_batch_size: int, max_len: int,
                        k_max: int, seed: int, num_epochs: int | None = None,
-                       shard_index: int | None = None, shard_count: int | None = None
-                       ) -> grain.DatasetIterator:
+                       shard_index: int | None = None, shard_count: int | None = None,
+                       extra: Callable[[Any], dict] | None = None) -> grain.DatasetIterator:
   """Shuffled batches of whole K-way comparisons: every pair of a prompt is in one batch element.
 
   Yields tokens, attention_mask: int32 [B_host, k_max, max_len]; ranks, reward_index,
   response_start: int32 [B_host, k_max]; valid: bool [B_host, k_max]; ref_logps: float32
   [B_host, k_max] when the records carry it (see `encode_comparison`). `.stats` on the iterator.
+  extra: optional picklable record -> {name: array} added to every example (e.g.
+  `image_world.record_image`: "images" float32 [B_host,H,W,C]).
   """
   max_len, k_max = _check_len("max_len", max_len, 4), _check_len("k_max", k_max, 2)
-  fn = _ComparisonFn(tok, max_len, k_max)
+  fn = _ComparisonFn(tok, max_len, k_max, extra)
   kept, stats = _scan("comparisons", records, fn)
   host = _shard(kept, stats, shard_index, shard_count)
   return _train_iterator(records, host, fn, stats, global_batch_size, seed, num_epochs, shard_count)
@@ -558,11 +567,12 @@ def comparison_batches(records: Records, tok: Tokenizer, global_batch_size: int,
 
 def comparison_eval_batches(records: Records, tok: Tokenizer, batch_size: int, max_len: int,
                             k_max: int, shard_index: int | None = None,
-                            shard_count: int | None = None) -> BatchList:
+                            shard_count: int | None = None, extra: Callable[[Any], dict] | None = None
+                            ) -> BatchList:
   """Unshuffled comparison batches shaped like `comparison_batches` (batch_size per host); hosts
   and the tail as in `sft_eval_batches`, filler copies having `valid` all False."""
   max_len, k_max = _check_len("max_len", max_len, 4), _check_len("k_max", k_max, 2)
-  fn = _ComparisonFn(tok, max_len, k_max)
+  fn = _ComparisonFn(tok, max_len, k_max, extra)
   kept, stats = _scan("comparisons_eval", records, fn)
   return _eval_list(records, kept, fn, stats, batch_size, shard_index, shard_count,
                     lambda e: dict(e, valid=np.zeros_like(e["valid"])))
@@ -575,25 +585,28 @@ def comparison_eval_batches(records: Records, tok: Tokenizer, batch_size: int, m
 class _PromptFn:
   tok: Tokenizer
   max_prompt_len: int
+  extra: Callable[[Any], dict] | None = None
 
   def __call__(self, record, index, events, dropped):
     where = record_lib.record_where(record, index)
     messages = _prompt_messages(record, where)
     tokens, mask = _prompt_example(self.tok, messages, self.max_prompt_len, events, where)
-    return {"tokens": tokens, "attention_mask": mask, "index": np.int32(index)}
+    return _with_extra({"tokens": tokens, "attention_mask": mask, "index": np.int32(index)}, self.extra, record)
 
 
 def prompt_batches(records: Records, tok: Tokenizer, global_batch_size: int, max_prompt_len: int,
                    seed: int, num_epochs: int | None = None, shard_index: int | None = None,
-                   shard_count: int | None = None) -> grain.DatasetIterator:
+                   shard_count: int | None = None, extra: Callable[[Any], dict] | None = None
+                   ) -> grain.DatasetIterator:
   """Shuffled batches of left-padded prompts for rollouts.
 
   Yields tokens, attention_mask: int32 [B_host, max_prompt_len] (real tokens end with the
   generation prompt, `<|assistant|>` in the role format); index: int32 [B_host], the record's
-  position in `records` (to recover its task for scoring). `.stats` on the iterator.
+  position in `records` (to recover its task for scoring); plus extra(record)'s arrays (see
+  `comparison_batches`). `.stats` on the iterator.
   """
   max_prompt_len = _check_len("max_prompt_len", max_prompt_len, 2)
-  fn = _PromptFn(tok, max_prompt_len)
+  fn = _PromptFn(tok, max_prompt_len, extra)
   kept, stats = _scan("prompts", records, fn)
   host = _shard(kept, stats, shard_index, shard_count)
   return _train_iterator(records, host, fn, stats, global_batch_size, seed, num_epochs, shard_count)

@@ -258,9 +258,18 @@ def stack_cache(cache):
   return {name: jnp.stack(cache[name]) for name in ("k", "v")}
 
 
-def hidden_states(params: Params, config, tokens, attention_mask=None, dropout_rng=None):
-  """Final hidden states [B,T,D] (compute dtype); used by scalar heads and chunked losses."""
-  return forward(params, config, tokens, attention_mask, dropout_rng=dropout_rng)[0]
+def hidden_states(params: Params, config, tokens, attention_mask=None, dropout_rng=None, prefix_embeds=None):
+  """Final hidden states [B,T,D] (compute dtype) at the token positions; used by scalar heads and
+  chunked losses. prefix_embeds: optional [B,P,D] input embeddings read before the tokens (the image
+  tokens of `vlm.py`, always real): attention_mask [B,T] then covers the tokens only, the sequence
+  is [prefix | tokens], and the P prefix positions are dropped from the output."""
+  if prefix_embeds is None:
+    return forward(params, config, tokens, attention_mask, dropout_rng=dropout_rng)[0]
+  b, p = tokens.shape[0], prefix_embeds.shape[1]
+  if attention_mask is None:
+    attention_mask = jnp.ones(tokens.shape, jnp.int32)
+  full = jnp.concatenate([jnp.ones((b, p), jnp.int32), attention_mask.astype(jnp.int32)], axis=1)
+  return forward(params, config, tokens, full, dropout_rng=dropout_rng, prefix_embeds=prefix_embeds)[0][:, p:]
 
 
 def unembedding_table(params: Params, config):
@@ -280,13 +289,13 @@ def unembed(params: Params, config, hidden):
   return parallel.constrain(logits, ("batch", "length", "vocab")) if logits.ndim == 3 else logits
 
 
-def logits(params: Params, config, tokens, attention_mask=None, dropout_rng=None):
+def logits(params: Params, config, tokens, attention_mask=None, dropout_rng=None, prefix_embeds=None):
   """Next-token logits, float32 [B,T,V]. attention_mask [B,T]: 1 = real token, 0 = padding.
 
   Positions are derived from the mask, so a left-padded prompt gives the same
-  logits at its real tokens as the unpadded prompt.
+  logits at its real tokens as the unpadded prompt. prefix_embeds: see `hidden_states`.
   """
-  return unembed(params, config, hidden_states(params, config, tokens, attention_mask, dropout_rng))
+  return unembed(params, config, hidden_states(params, config, tokens, attention_mask, dropout_rng, prefix_embeds))
 
 
 def init_cache(config, batch_size: int, max_len: int, dtype=None):

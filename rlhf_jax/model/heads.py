@@ -62,24 +62,27 @@ def apply_head(head: dict, hidden):
           + head["bias"].astype(jnp.float32))
 
 
-def rewards(params: dict, config, tokens, attention_mask, index=None, dropout_rng=None):
+def rewards(params: dict, config, tokens, attention_mask, index=None, dropout_rng=None, prefix_embeds=None):
   """Scalar reward per sequence, float32 [B], read at `index` [B] (default: last real token).
 
   tokens, attention_mask: [B,T] (prompt + response, any padding side).
   transformers' *ForSequenceClassification instead reads the last token that is not
   pad_token_id; the two agree when the pads are exactly the masked positions (the pad
   id occurs nowhere in the real tokens), which is what `hf.save_reward_model` relies on.
+  prefix_embeds: optional [B,P,D] read before the tokens (image tokens; `gpt.hidden_states`);
+  index and attention_mask stay token-relative.
   """
-  hidden = gpt.hidden_states(params["gpt"], config, tokens, attention_mask, dropout_rng)
+  hidden = gpt.hidden_states(params["gpt"], config, tokens, attention_mask, dropout_rng, prefix_embeds)
   if index is None:
     index = last_token_index(attention_mask)
   picked = jnp.take_along_axis(hidden, index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
   return apply_head(params["head"], picked)
 
 
-def values(params: dict, config, tokens, attention_mask, dropout_rng=None):
-  """Per-position scalar, float32 [B,T]: the value of the state after reading token t."""
-  hidden = gpt.hidden_states(params["gpt"], config, tokens, attention_mask, dropout_rng)
+def values(params: dict, config, tokens, attention_mask, dropout_rng=None, prefix_embeds=None):
+  """Per-position scalar, float32 [B,T]: the value of the state after reading token t (after the
+  optional prefix_embeds [B,P,D], as in `rewards`)."""
+  hidden = gpt.hidden_states(params["gpt"], config, tokens, attention_mask, dropout_rng, prefix_embeds)
   return apply_head(params["head"], hidden)
 
 

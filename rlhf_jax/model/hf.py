@@ -207,7 +207,11 @@ def _expected_shapes(cfg: GPTConfig, lm: bool) -> dict:
 
 def _check_layout(cfg: GPTConfig, params: Mapping, what: str, lm: bool = True) -> None:
   """Tree structure and shapes of `params` must equal `gpt.init`'s for `cfg` (without lm_head: lm=False)."""
-  want = _expected_shapes(cfg, lm)
+  _check_tree(_expected_shapes(cfg, lm), params, what, cfg)
+
+
+def _check_tree(want, params: Mapping, what: str, cfg) -> None:
+  """Tree structure and shapes of `params` must equal those of `want` (a shape tree for `cfg`)."""
   want_flat = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(want)}
   got_flat = {jax.tree_util.keystr(p): tuple(np.shape(x))
               for p, x in jax.tree_util.tree_leaves_with_path(params)}
@@ -289,11 +293,10 @@ def _read_config(path, what: str) -> tuple[Path, Path, dict]:
 
 
 class _Checkpoint:
-  """The checkpoint's tensors by name relative to the base prefix (top-level names kept)."""
+  """The checkpoint's tensors by name relative to `prefix` (names without it kept as they are)."""
 
-  def __init__(self, directory: Path, cfg_file: Path, family: str):
+  def __init__(self, directory: Path, cfg_file: Path, prefix: str):
     raw, origin = _read_weights(directory)
-    prefix = _base_prefix(family)
     self.directory, self.cfg_file = directory, cfg_file
     self.tensors: dict[str, np.ndarray] = {}
     self.origin: dict[str, str] = {}
@@ -341,9 +344,14 @@ def _get(tree: Mapping, path: tuple[str, ...]):
 
 def _params_from(ckpt: _Checkpoint, cfg: GPTConfig, lm: bool) -> dict:
   """Our params (numpy float32) for every row of cfg's table (lm: with an untied lm_head)."""
+  return _params_from_rows(ckpt, _table(cfg, lm_head=lm), cfg.n_layer)
+
+
+def _params_from_rows(ckpt: _Checkpoint, rows, n_layer: int) -> dict:
+  """Our params (numpy float32) for every row; per-layer rows stack n_layer layers on a leading axis."""
   params: dict[str, Any] = {}
-  for row in _table(cfg, lm_head=lm):
-    layers = range(cfg.n_layer) if row.per_layer else [None]
+  for row in rows:
+    layers = range(n_layer) if row.per_layer else [None]
     outs = []
     for i in layers:
       names = [n.format(i=i) for n in row.hf] if i is not None else list(row.hf)
@@ -385,7 +393,7 @@ def load(path, dtype=None, strict: bool = True):
   """
   directory, cfg_file, hf = _read_config(path, "load")
   cfg = hf_config.config_from_hf(hf, source=str(cfg_file), dtype=dtype)
-  ckpt = _Checkpoint(directory, cfg_file, cfg.family)
+  ckpt = _Checkpoint(directory, cfg_file, _base_prefix(cfg.family))
   params = _params_from(ckpt, cfg, lm=True)
   _check_tied_head(ckpt, cfg, _wte_name(cfg.family))
   ckpt.check_leftover(strict, f"a {cfg.family} language model")
@@ -410,7 +418,7 @@ def load_reward_model(path, dtype=None, strict: bool = True):
   n_labels = len(hf["id2label"]) if hf.get("id2label") else int(hf.get("num_labels", 2))
   if n_labels != 1:
     raise ValueError(f"{cfg_file}: a reward model has one label, this checkpoint has {n_labels}")
-  ckpt = _Checkpoint(directory, cfg_file, cfg.family)
+  ckpt = _Checkpoint(directory, cfg_file, _base_prefix(cfg.family))
   trunk = _params_from(ckpt, cfg, lm=False)
   kernel = ckpt.take(_SCORE, (1, cfg.d_model))[0]
   bias = ckpt.take(_SCORE_BIAS, (1,))[0] if _SCORE_BIAS in ckpt.tensors else np.float32(0.0)
@@ -427,11 +435,15 @@ def _to_host(tree):
 
 def _hf_tensors(cfg: GPTConfig, host: Mapping, lm: bool) -> dict[str, np.ndarray]:
   """Our (host float32) params -> HF tensors with full names (base prefix added)."""
-  prefix = _base_prefix(cfg.family)
+  return _tensors_from_rows(_table(cfg, lm_head=lm), host, cfg.n_layer, _base_prefix(cfg.family))
+
+
+def _tensors_from_rows(rows, host: Mapping, n_layer: int, prefix: str) -> dict[str, np.ndarray]:
+  """Host float32 params -> HF tensors named prefix + row name (top-level names unprefixed)."""
   out = {}
-  for row in _table(cfg, lm_head=lm):
+  for row in rows:
     values = [_get(host, p) for p in row.ours]
-    for i in range(cfg.n_layer) if row.per_layer else [None]:
+    for i in range(n_layer) if row.per_layer else [None]:
       arrays = row.to_hf(*(v[i] for v in values)) if i is not None else row.to_hf(*values)
       for name, shape, arr in zip(row.hf, row.hf_shapes, arrays):
         name = name.format(i=i) if i is not None else name

@@ -6,8 +6,9 @@ no RoPE; so the blocks' parameters carry the decoder's logical axis names and sh
 rules table (`rlhf_jax.parallel.DEFAULT_RULES`) on the same mesh.
 
 Params layout (C = channels, p = patch_size, N = (image_size / p)**2 patches, D = d_model,
-F = mlp_ratio * D, L = n_layer; logical axis names in parentheses):
-  patch_kernel [p*p*C, D]   (None, "embed")       patch embedding (a dense over flattened patches)
+F = d_ff or mlp_ratio * D, L = n_layer; logical axis names in parentheses):
+  patch_kernel [p*p*C, D]   (None, "embed")       patch embedding (a dense over flattened patches,
+                                                  rows in `patchify`'s (p_row, p_col, C) order)
   patch_bias   [D]          ("embed",)
   pos          [N, D]       (None, "embed")       learned position embeddings
   blocks       `layers.Block` params with a leading [L] ("layers",): ln1, attn, ln2, mlp
@@ -17,7 +18,7 @@ Projector params (`init_projector`; D_model = the decoder's width, hidden width 
   proj_kernel [D_model, D_model] ("mlp", "embed"),   proj_bias [D_model] ("embed",)
 
 Public API:
-  ViTConfig, init(config, rng), param_axes(config), patchify(images, patch_size),
+  ViTConfig, init(config, rng), param_axes(config), patchify(images, patch_size), normalize(images, config),
   encode(params, config, images) -> [B,N,D] (pool="none") or [B,1,D] (pool="mean"),
   init_projector(vit_config, d_model, rng), projector_axes(), project(params, embeds) -> [B,P,D_model].
 """
@@ -47,7 +48,10 @@ class ViTConfig:
 
   image_size: square images of image_size x image_size pixels, `channels` channels;
   patch_size must divide image_size. pool: "none" keeps all N patches as image tokens,
-  "mean" averages them into one token.
+  "mean" averages them into one token. d_ff: MLP width (0 -> mlp_ratio * d_model; SigLIP
+  so400m's 4304 is no multiple of 1152). pixel_mean / pixel_std: per-channel input normalisation
+  (x - mean) / std applied to the [0, 1] images inside `encode` (SigLIP's processor: 0.5 / 0.5,
+  `hf_vision.load_vision_tower`); both empty (the default) = no normalisation.
   """
   image_size: int = 32
   patch_size: int = 8
@@ -60,8 +64,13 @@ class ViTConfig:
   ln_eps: float = 1e-6
   init_std: float = 0.02
   dtype: str = "float32"
+  d_ff: int = 0
+  pixel_mean: tuple[float, ...] = ()
+  pixel_std: tuple[float, ...] = ()
 
   def __post_init__(self):
+    for name in ("pixel_mean", "pixel_std"):   # JSON (stage.json) gives lists: keep the config hashable
+      object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
     if min(self.image_size, self.patch_size, self.channels, self.d_model, self.n_layer, self.n_head,
            self.mlp_ratio) < 1:
       raise ValueError(f"{_WHERE}: ViTConfig sizes must be positive, got {self}")
@@ -72,6 +81,13 @@ class ViTConfig:
       raise ValueError(f"{_WHERE}: ViTConfig.d_model={self.d_model} is not divisible by n_head={self.n_head}")
     if self.pool not in POOLS:
       raise ValueError(f"{_WHERE}: ViTConfig.pool must be one of {POOLS}, got {self.pool!r}")
+    if self.d_ff < 0:
+      raise ValueError(f"{_WHERE}: ViTConfig.d_ff must be >= 0 (0 = mlp_ratio * d_model), got {self.d_ff}")
+    if len(self.pixel_mean) != len(self.pixel_std) or len(self.pixel_mean) not in (0, self.channels):
+      raise ValueError(f"{_WHERE}: ViTConfig.pixel_mean and pixel_std must both be empty or both have "
+                       f"channels={self.channels} entries, got {self.pixel_mean} and {self.pixel_std}")
+    if any(v <= 0 for v in self.pixel_std):
+      raise ValueError(f"{_WHERE}: ViTConfig.pixel_std must be positive, got {self.pixel_std}")
 
   @property
   def num_patches(self) -> int:
@@ -89,7 +105,7 @@ class ViTConfig:
   def block_config(self) -> GPTConfig:
     """The `GPTConfig` whose `layers.Block` is this encoder's block (GPT-2 style, no dropout)."""
     return GPTConfig(vocab_size=1, max_len=self.num_patches, n_layer=self.n_layer, n_head=self.n_head,
-                     d_model=self.d_model, d_ff=self.mlp_ratio * self.d_model, dropout=0.0,
+                     d_model=self.d_model, d_ff=self.d_ff or self.mlp_ratio * self.d_model, dropout=0.0,
                      ln_eps=self.ln_eps, init_std=self.init_std, dtype=self.dtype)
 
 
@@ -152,14 +168,26 @@ def patchify(images, patch_size: int):
   return x.reshape(b, (h // p) * (w // p), p * p * c)
 
 
+def normalize(images, config):
+  """images [B,H,W,C] -> (images - pixel_mean) / pixel_std per channel, in images' dtype
+  (unchanged when the config has no normalisation)."""
+  cfg = _as_config(config)
+  if not cfg.pixel_mean:
+    return images
+  mean = jnp.asarray(cfg.pixel_mean, jnp.float32)
+  std = jnp.asarray(cfg.pixel_std, jnp.float32)
+  return ((images.astype(jnp.float32) - mean) / std).astype(images.dtype)
+
+
 def encode(params: Params, config, images):
   """images float [B,H,W,C] in [0, 1] -> image features [B,N,D] (pool="none") or [B,1,D] ("mean"),
-  in the compute dtype: patchify, patch embedding + learned positions, pre-LN blocks with full
-  (bidirectional) attention, final LayerNorm, then pooling."""
+  in the compute dtype: input normalisation (if configured), patchify, patch embedding + learned
+  positions, pre-LN blocks with full (bidirectional) attention, final LayerNorm, then pooling.
+  With pool="none" this is SigLIP's `last_hidden_state` (`hf_vision.load_vision_tower`)."""
   cfg = _as_config(config)
   check_images(images, cfg)
   dt = jnp.dtype(cfg.dtype)
-  x = patchify(images.astype(dt), cfg.patch_size)
+  x = patchify(normalize(images, cfg).astype(dt), cfg.patch_size)
   x = dense(x, params["patch_kernel"]) + params["patch_bias"].astype(dt) + params["pos"].astype(dt)
   x = parallel.constrain(x, ("batch", "length", "embed"))
   b, n = x.shape[:2]

@@ -109,10 +109,7 @@ def logits(params: Params, config: VLMConfig, images, tokens, mask=None, dropout
   _check_text(config, images, tokens, mask, "logits")
   if mask is None:
     mask = jnp.ones(tokens.shape, jnp.int32)
-  prefix = image_tokens(params, config, images)
-  hidden, _ = gpt.forward(params["gpt"], config.gpt, tokens, full_mask(config, mask),
-                          dropout_rng=dropout_rng, prefix_embeds=prefix)
-  return gpt.unembed(params["gpt"], config.gpt, hidden[:, config.num_image_tokens:])
+  return gpt.logits(params["gpt"], config.gpt, tokens, mask, dropout_rng, image_tokens(params, config, images))
 
 
 # ----------------------------------------------------------------- cached decoding

@@ -174,11 +174,13 @@ def load_vision_stage(workdir: str):
 
 # ------------------------------------------------------------------ evaluation
 def answers(params, cfg: vlm.VLMConfig, tok, samples: Sequence[dict], *, blank: bool, batch_size: int,
-            max_prompt_len: int, max_new_tokens: int) -> list[str]:
-  """Greedy answers (text up to the first stop token) to samples' prompts, reading each sample's
-  image, or an all-zero image when blank. Fixed shapes (the last batch padded): one compile.
+            max_prompt_len: int, max_new_tokens: int, temperature: float | None = None, rng=None) -> list[str]:
+  """Answers (text up to the first stop token) to samples' prompts, reading each sample's image, or
+  an all-zero image when blank: greedy (temperature None), else sampled at `temperature` with
+  fold_in(rng, batch index). Fixed shapes (the last batch padded): one compile.
   Raises ValueError when a prompt does not fit max_prompt_len (it would be cut)."""
   out = []
+  greedy = temperature is None
   for i in range(0, len(samples), batch_size):
     chunk = list(samples[i:i + batch_size])
     n = len(chunk)
@@ -194,8 +196,9 @@ def answers(params, cfg: vlm.VLMConfig, tok, samples: Sequence[dict], *, blank: 
     images = iw.stack_images([s["image"] for s in chunk])
     if blank:
       images = np.zeros_like(images)
-    gen = vlm.generate(params, cfg, images, tokens, mask, jax.random.PRNGKey(0), max_new_tokens=max_new_tokens,
-                       eos_id=tok.eos_id, pad_id=tok.pad_id, greedy=True)
+    key = jax.random.PRNGKey(0) if greedy else jax.random.fold_in(rng, i // batch_size)
+    gen = vlm.generate(params, cfg, images, tokens, mask, key, max_new_tokens=max_new_tokens, eos_id=tok.eos_id,
+                       pad_id=tok.pad_id, greedy=greedy, temperature=1.0 if greedy else float(temperature))
     for row in np.asarray(gen["tokens"])[:n]:
       ids = [int(t) for t in row]
       cut = next((j for j, t in enumerate(ids) if t in tok.stop_ids), len(ids))
@@ -203,20 +206,35 @@ def answers(params, cfg: vlm.VLMConfig, tok, samples: Sequence[dict], *, blank: 
   return out
 
 
+def eval_samples(config) -> list[dict]:
+  """The held-out samples: `eval.n_per_family` of each family from the stream `data.eval_seed`."""
+  n = int(config.eval.n_per_family) * len(iw.FAMILIES)
+  return [iw.sample_at(int(config.data.eval_seed) * 10 + 7, i) for i in range(n)]   # cycles the families
+
+
+def _by_family(samples, scores) -> dict:
+  by = {f: np.asarray([sc for s, sc in zip(samples, scores) if s["task"]["family"] == f]) for f in iw.FAMILIES}
+  by["mean"] = np.asarray(scores, np.float64)
+  return by
+
+
+def family_means(samples, scores) -> dict:
+  """{family (and "mean"): mean of the per-sample scores}."""
+  return {f: float(v.mean()) for f, v in _by_family(samples, scores).items()}
+
+
 def evaluate(params, cfg: vlm.VLMConfig, tok, config) -> dict:
   """{"with_image" / "blank_image": {family (and "mean"): mean gold score}, "se_with_image" /
-  "se_blank_image": their standard errors, "n_per_family", "examples_*"}; the held-out samples are `eval.n_per_family` of each family from the stream `data.eval_seed`."""
+  "se_blank_image": their standard errors, "n_per_family", "examples_*"} on `eval_samples`, greedy."""
   e = config.eval
-  n = int(e.n_per_family) * len(iw.FAMILIES)
-  samples = [iw.sample_at(int(config.data.eval_seed) * 10 + 7, i) for i in range(n)]   # cycles the families
+  samples = eval_samples(config)
   kw = dict(batch_size=int(e.batch_size), max_prompt_len=int(config.max_len) - int(e.max_new_tokens) + 1,
             max_new_tokens=int(e.max_new_tokens))
   result = {"n_per_family": int(e.n_per_family)}
   for key, blank in (("with_image", False), ("blank_image", True)):
     resp = answers(params, cfg, tok, samples, blank=blank, **kw)
     scores = [iw.score(s, r) for s, r in zip(samples, resp)]
-    by = {f: np.asarray([sc for s, sc in zip(samples, scores) if s["task"]["family"] == f]) for f in iw.FAMILIES}
-    by["mean"] = np.asarray(scores)
+    by = _by_family(samples, scores)
     result[key] = {f: float(v.mean()) for f, v in by.items()}
     result[f"se_{key}"] = {f: float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0 for f, v in by.items()}
     result[f"examples_{key}"] = [{"family": s["task"]["family"], "answer": s["answer"], "response": r}
@@ -255,15 +273,31 @@ def run(config, workdir: str, hooks: dict | None = None) -> dict:
     print(f"{name}: {summaries[name]}")
   t_eval = time.perf_counter()
   ev = evaluate(params, cfg, tok, config)
-  result = {"stages": summaries, "eval": ev, "vocab_size": tok.vocab_size,
+  eval_seconds = round(time.perf_counter() - t_eval, 1)
+  rlhf = None
+  if bool(config.get("rlhf", False)):
+    from rlhf_jax.recipes import vision_rlhf
+    rm_params, summaries["rm"] = vision_rlhf.train_rm(config, workdir, cfg, tok, params)
+    print(f"rm: { {k: v for k, v in summaries['rm'].items() if not isinstance(v, dict)} }")
+    ppo_params, summaries["ppo"] = vision_rlhf.train_ppo(config, workdir, cfg, tok, params, rm_params,
+                                                         hooks=(hooks or {}).get("ppo", ()))
+    print(f"ppo: {summaries['ppo']['final']}")
+    rlhf = vision_rlhf.compare({"sft": params, "ppo": ppo_params}, cfg, tok, config, rm_params=rm_params)
+  result = {"stages": summaries, "eval": ev, "rlhf": rlhf, "vocab_size": tok.vocab_size,
             "image_tokens": cfg.num_image_tokens, "decoder_max_len": cfg.gpt.max_len,
             "num_params": {k: vit.num_params(v) for k, v in params.items()},
-            "eval_seconds": round(time.perf_counter() - t_eval, 1),
+            "eval_seconds": eval_seconds,
             "total_seconds": round(time.perf_counter() - t0, 1)}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(result, f, indent=2)
     with open(os.path.join(workdir, "results.md"), "w") as f:
       f.write(table(ev))
+      if rlhf is not None:
+        from rlhf_jax.recipes import vision_rlhf
+        f.write("\nRLHF on image prompts (gold score per family; PPO vs SFT):\n\n" + vision_rlhf.table(rlhf))
   print(table(ev))
+  if rlhf is not None:
+    from rlhf_jax.recipes import vision_rlhf
+    print(vision_rlhf.table(rlhf))
   return result

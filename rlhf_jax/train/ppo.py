@@ -24,7 +24,8 @@ iteration, with no host round trip:
      ppo_cfg.kl_target > 0, else unchanged.
 Dropout is off throughout (RL on a pretrained LM; Huang et al.).
 
-batch: {"prompt_tokens", "prompt_mask": int [B,Tp] (left-padded),
+batch: {"prompt_tokens", "prompt_mask": int [B,Tp] (left-padded), with image prompts also
+        "images": float32 [B,H,W,C] (`make_rl_step(prefix_fn=...)`, state["vision"]),
         "ptx_tokens", "ptx_targets", "ptx_mask": int [Bp,T] (+ optional "ptx_attention_mask")}
 The ptx keys are only read when ppo_cfg.ptx_coef > 0 (a static Python float: at 0 the
 pretraining forward is not even traced). The pretraining rows are split over the
@@ -86,7 +87,7 @@ def _check_config(ppo_cfg) -> None:
 
 
 def create_rl_state(policy_params, value_params, ref_params, score_params, policy_opt, value_opt, mesh,
-                    axes: dict, rng, init_beta: float, rules=parallel.DEFAULT_RULES):
+                    axes: dict, rng, init_beta: float, rules=parallel.DEFAULT_RULES, vision_params=None):
   """The RL state, created directly sharded on `mesh` (one jit with out_shardings).
 
   axes: {"policy", "value", "ref", "score"} -> param_axes tree of that model (same
@@ -94,6 +95,8 @@ def create_rl_state(policy_params, value_params, ref_params, score_params, polic
   ref_params / score_params None: the state holds no such frozen model and the step reads the base of
   the policy / value model, which must then be a LoRA training tree (`lora.frozen_or_base`).
   rng: PRNG key (typed or raw uint32[2]). init_beta: initial KL coefficient.
+  vision_params: image prompts: the frozen ViT + projector ({"vit", "projector"}, `model/vlm.py`)
+    shared by the four models, held as state["vision"] (axes["vision"] then required).
   Returns (state, state_shardings).
   """
   missing = [k for k in MODELS if k not in axes]
@@ -104,6 +107,8 @@ def create_rl_state(policy_params, value_params, ref_params, score_params, polic
 
   frozen = shared_frozen({"ref": (ref_params, "policy", policy_params), "score": (score_params, "value", value_params)},
                          "create_rl_state")
+  if vision_params is not None:
+    frozen["vision"] = vision_params
   return state_lib.init_rl_state(
       trained={"policy": (policy_params, policy_opt), "value": (value_params, value_opt)},
       frozen=frozen, axes=axes, mesh=mesh, rng=rng,
@@ -134,7 +139,7 @@ def _policy_loss_fn(policy_cfg: GPTConfig, temperature: float, clip_eps: float, 
     tp = tokens.shape[1] - n
     # Same definition as sampling.sequence_logprobs, but unembedding only the response-predicting
     # positions and keeping the logits for the entropy.
-    hidden = gpt.hidden_states(params, policy_cfg, tokens, attn)[:, tp - 1:-1]
+    hidden = gpt.hidden_states(params, policy_cfg, tokens, attn, prefix_embeds=mb.get("prefix_embeds"))[:, tp - 1:-1]
     logits = gpt.unembed(params, policy_cfg, hidden) / temperature
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, tp:, None], axis=-1)[..., 0]
     logp = jnp.where(resp_mask > 0, logp, 0.0)
@@ -157,7 +162,7 @@ def _value_loss_fn(value_cfg: GPTConfig, clip_eps: float, vf_coef: float):
   def loss_fn(params, mb):
     tokens, attn, resp_mask = mb["tokens"], mb["attention_mask"], mb["response_mask"]
     tp = tokens.shape[1] - resp_mask.shape[1]
-    values = heads.values(params, value_cfg, tokens, attn)[:, tp - 1:-1]
+    values = heads.values(params, value_cfg, tokens, attn, prefix_embeds=mb.get("prefix_embeds"))[:, tp - 1:-1]
     vl, metrics = ppo_losses.value_loss(values, mb["values"], mb["returns"], resp_mask, clip_eps)
     return vf_coef * vl, metrics
   return loss_fn
@@ -195,12 +200,16 @@ _MB_KEYS = ("tokens", "attention_mask", "response_mask", "logprobs", "values", "
 _PTX_KEYS = ("ptx_tokens", "ptx_targets", "ptx_mask")
 
 
-def make_rl_step(rollout_fn, policy_cfg, value_cfg, policy_opt, value_opt, ppo_cfg):
+def make_rl_step(rollout_fn, policy_cfg, value_cfg, policy_opt, value_opt, ppo_cfg, prefix_fn=None):
   """One PPO-ptx iteration as `step(state, batch) -> (state, metrics)` (see the module docstring).
 
   rollout_fn: from `rollout.make_rollout` (its `.spec.temperature` is the learner's temperature).
   policy_opt / value_opt: optax transformations (e.g. `state_lib.make_optimizer`), the same
   objects `create_rl_state` initialised the optimizer states with.
+  prefix_fn: image prompts (issue 15). prefix_fn(state["vision"], batch["images"]) -> [B,P,D] image
+    tokens, computed once per iteration from the state's frozen "vision" params (ViT + projector,
+    shared by the four models) and read by every model before the prompt; they travel with their
+    rows through the minibatches. None = text prompts.
   Metrics (float32 scalars): rollout stats (score, raw_score, kl, kl_beta [the beta used for this
   rollout's rewards], non_score_reward, response_length, ended_frac), means over all minibatches of
   policy_loss, value_loss, ptx_loss, entropy, clip_frac, approx_kl, value_clip_frac,
@@ -226,7 +235,7 @@ def make_rl_step(rollout_fn, policy_cfg, value_cfg, policy_opt, value_opt, ppo_c
       lora.loss(_value_loss_fn(v_cfg, float(ppo_cfg.value_clip_eps), float(ppo_cfg.vf_coef))), has_aux=True)
 
   def step(state, batch):
-    for k in ("prompt_tokens", "prompt_mask") + (_PTX_KEYS if ptx_coef > 0 else ()):
+    for k in ("prompt_tokens", "prompt_mask") + (_PTX_KEYS if ptx_coef > 0 else ()) + (("images",) if prefix_fn else ()):
       if k not in batch:
         raise ValueError(f"{_WHERE}:step: batch lacks {k!r} (keys: {sorted(batch)}; ptx_coef={ptx_coef})")
     b = batch["prompt_tokens"].shape[0]
@@ -240,10 +249,14 @@ def make_rl_step(rollout_fn, policy_cfg, value_cfg, policy_opt, value_opt, ppo_c
     key = jax.random.fold_in(state["rng"], state["step"])
     roll_key, perm_key = jax.random.split(key)
     beta = state["kl_beta"]
+    prefix = None if prefix_fn is None else prefix_fn(state["vision"], batch["images"])
     exp = rollout_fn(lora.merged(state["policy"]["params"]), lora.merged(state["value"]["params"]),
                      lora.frozen_or_base(state, "ref", "policy"), lora.frozen_or_base(state, "score", "value"),
-                     batch["prompt_tokens"], batch["prompt_mask"], roll_key, beta)
+                     batch["prompt_tokens"], batch["prompt_mask"], roll_key, beta,
+                     **({} if prefix is None else {"prefix_embeds": prefix}))
     data = {k: exp[k] for k in _MB_KEYS}
+    if prefix is not None:
+      data["prefix_embeds"] = prefix
 
     def minibatch(carry, xs):
       pol, val = carry

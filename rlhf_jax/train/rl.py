@@ -25,7 +25,7 @@ LORA_SEED = 0x10A  # folded into the seed for the adapters' init (policy; value 
 
 
 def _fit(config, workdir: str, *, section, optims: tuple[str, ...], build: Callable, prompt_batches, ptx_batches,
-         eval_fn: Callable | None, name: str, hooks):
+         eval_fn: Callable | None, name: str, hooks, prompt_keys=PROMPT_KEYS):
   """The shared part. section: the algorithm's config section (ppo_epochs, num_minibatches, ptx_coef);
   optims: the config sections of the trained models' optimizers; build(mesh, optimizers) ->
   (state, shardings, step). Schedules count optimizer updates: iterations x epochs x minibatches."""
@@ -38,7 +38,7 @@ def _fit(config, workdir: str, *, section, optims: tuple[str, ...], build: Calla
   optimizers = [state_lib.make_optimizer(config[key]) for key in optims]
   state, shardings, step = build(mesh, *optimizers)
   step = state_lib.jit_step(step, shardings, mesh)
-  members = {"prompt": (prompt_batches, PROMPT_KEYS)}
+  members = {"prompt": (prompt_batches, prompt_keys)}
   if float(section.ptx_coef) > 0:
     if ptx_batches is None:
       raise ValueError(f"{name}: ptx_coef={section.ptx_coef} > 0 needs pretraining rows (ptx data)")
@@ -53,7 +53,7 @@ def _fit(config, workdir: str, *, section, optims: tuple[str, ...], build: Calla
 
 def fit_rl(config, workdir: str, *, policy_cfg, value_cfg, policy_params, ref_params, value_params,
            score_params, score_fn: rollout.ScoreFn, prompt_batches, ptx_batches=None, eos_id: int,
-           pad_id: int, eval_fn: Callable | None = None, name: str = "ppo", hooks=()):
+           pad_id: int, eval_fn: Callable | None = None, name: str = "ppo", hooks=(), vision=None):
   """PPO(-ptx) with config sections `mesh`, `optim` (policy), `value_optim`, `ppo`, `loop`, `batch_size`, `seed`
   and optionally `lora`.
 
@@ -68,9 +68,21 @@ def fit_rl(config, workdir: str, *, policy_cfg, value_cfg, policy_params, ref_pa
     `pipeline.prompt_batches` yields; ptx_batches: {"tokens","targets","mask"} [Bp,T] rows, read
     only when config.ppo.ptx_coef > 0.
   eval_fn(policy_params) -> dict of held-out metrics, every loop.eval_every iterations.
+  vision: image prompts (issue 15): (VLMConfig, {"vit", "projector"} params), the frozen image
+    encoder every model reads its image tokens from; prompt_batches then also yield "images"
+    float32 [B,H,W,C] (e.g. `image_world.prompt_batches`). The decoders' configs are policy_cfg /
+    value_cfg as for text.
   Schedules count optimizer updates: iterations x ppo_epochs x num_minibatches.
   Returns (final state, last metrics, mesh).
   """
+  prefix_fn, vision_params, vision_axes = None, None, {}
+  if vision is not None:
+    from rlhf_jax.model import vlm
+    vlm_cfg, vision_params = vision
+    prefix_fn = lambda vp, images: vlm.image_tokens(vp, vlm_cfg, images)
+    full_axes = vlm.param_axes(vlm_cfg)
+    vision_axes = {"vision": {k: full_axes[k] for k in ("vit", "projector")}}
+
   def build(mesh, policy_opt, value_opt):
     rng = jax.random.PRNGKey(int(config.seed))
     ref, score, section = ref_params, score_params, config.get("lora")
@@ -82,15 +94,17 @@ def fit_rl(config, workdir: str, *, policy_cfg, value_cfg, policy_params, ref_pa
     value, value_axes, value_opt = lora.setup(section, value_params, heads.param_axes(value_cfg), value_opt,
                                               jax.random.fold_in(rng, LORA_SEED + 1))
     axes = {"policy": policy_axes, "ref": gpt.param_axes(policy_cfg), "value": value_axes,
-            "score": heads.param_axes(value_cfg) if score else {}}
+            "score": heads.param_axes(value_cfg) if score else {}, **vision_axes}
     state, shardings = ppo.create_rl_state(policy, value, ref, score, policy_opt, value_opt, mesh, axes, rng,
-                                           float(config.ppo.init_kl_beta))
+                                           float(config.ppo.init_kl_beta), vision_params=vision_params)
     rollout_fn = rollout.make_rollout_from_config(policy_cfg, value_cfg, policy_cfg, score_fn, config.ppo,
                                                   eos_id=eos_id, pad_id=pad_id)
-    return state, shardings, ppo.make_rl_step(rollout_fn, policy_cfg, value_cfg, policy_opt, value_opt, config.ppo)
+    return state, shardings, ppo.make_rl_step(rollout_fn, policy_cfg, value_cfg, policy_opt, value_opt, config.ppo,
+                                              prefix_fn=prefix_fn)
 
   return _fit(config, workdir, section=config.ppo, optims=("optim", "value_optim"), build=build,
-              prompt_batches=prompt_batches, ptx_batches=ptx_batches, eval_fn=eval_fn, name=name, hooks=hooks)
+              prompt_batches=prompt_batches, ptx_batches=ptx_batches, eval_fn=eval_fn, name=name, hooks=hooks,
+              prompt_keys={**PROMPT_KEYS, "images": "images"} if vision is not None else PROMPT_KEYS)
 
 
 def fit_group_rl(config, workdir: str, *, policy_cfg, policy_params, ref_params, score_params, score_cfg,

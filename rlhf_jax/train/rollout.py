@@ -42,7 +42,8 @@ from rlhf_jax.model.config import GPTConfig
 
 _WHERE = "rlhf_jax/train/rollout.py"
 
-# score_fn(score_params, tokens [B,T], attention_mask [B,T], response_mask [B,T]) -> float32 [B]
+# score_fn(score_params, tokens [B,T], attention_mask [B,T], response_mask [B,T]) -> float32 [B];
+# with image prompts it is also called with prefix_embeds=[B,P,D] (the image tokens).
 ScoreFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
@@ -69,9 +70,9 @@ def reward_model_score_fn(rm_config) -> ScoreFn:
   """
   cfg = GPTConfig.from_dict(rm_config)
 
-  def score_fn(params, tokens, attention_mask, response_mask):
+  def score_fn(params, tokens, attention_mask, response_mask, prefix_embeds=None):
     del response_mask
-    return heads.rewards(params, cfg, tokens, attention_mask)
+    return heads.rewards(params, cfg, tokens, attention_mask, prefix_embeds=prefix_embeds)
   return score_fn
 
 
@@ -136,7 +137,7 @@ def _check_spec(cfgs: dict, spec: RolloutSpec) -> None:
 
 
 def sample_and_score(spec, p_cfg: GPTConfig, r_cfg: GPTConfig, score_fn: ScoreFn, policy_params, ref_params,
-                     score_params, prompt_tokens, prompt_mask, rng) -> dict:
+                     score_params, prompt_tokens, prompt_mask, rng, prefix_embeds=None) -> dict:
   """The part of a rollout every RL method shares: sample, recompute log-probs, score.
 
   spec: any spec with the sampling fields of `RolloutSpec` (max_new_tokens, temperature, top_k,
@@ -144,11 +145,14 @@ def sample_and_score(spec, p_cfg: GPTConfig, r_cfg: GPTConfig, score_fn: ScoreFn
   Returns tokens, attention_mask [B,T]; response_mask, response_tokens, logprobs,
   sampled_logprobs, ref_logprobs [B,N]; raw_scores, scores, kl (sequence k1 KL) [B]; lengths,
   ended [B] (see `make_rollout` for each one's definition).
+  prefix_embeds: optional [B,P,D] image tokens that every model reads before the prompt (the
+  sequence is [image | left pads | prompt | response]); all outputs stay token-aligned.
   """
   b, tp = prompt_tokens.shape
+  pre = {} if prefix_embeds is None else {"prefix_embeds": prefix_embeds}
   gen = sampling.generate(policy_params, p_cfg, prompt_tokens, prompt_mask, rng, max_new_tokens=spec.max_new_tokens,
                           temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p, eos_id=spec.eos_id,
-                          pad_id=spec.pad_id)
+                          pad_id=spec.pad_id, prefix_embeds=prefix_embeds)
   resp_mask = gen["mask"].astype(jnp.int32)
   prompt_mask_i = prompt_mask.astype(jnp.int32)
   tokens = jnp.concatenate([jnp.where(prompt_mask_i > 0, prompt_tokens.astype(jnp.int32), spec.pad_id),
@@ -163,12 +167,14 @@ def sample_and_score(spec, p_cfg: GPTConfig, r_cfg: GPTConfig, score_fn: ScoreFn
   # recompute_logprobs=True adds the uncached policy forward (TRL's choice) for a first PPO
   # ratio of exactly 1.
   if spec.recompute_logprobs:
-    logprobs = sampling.sequence_logprobs(policy_params, p_cfg, tokens, mask, spec.temperature)[:, tp - 1:]
+    logprobs = sampling.sequence_logprobs(policy_params, p_cfg, tokens, mask, spec.temperature,
+                                          prefix_embeds=prefix_embeds)[:, tp - 1:]
   else:
     logprobs = gen["logprobs"]
-  ref_logprobs = sampling.sequence_logprobs(ref_params, r_cfg, tokens, mask, spec.temperature)[:, tp - 1:]
+  ref_logprobs = sampling.sequence_logprobs(ref_params, r_cfg, tokens, mask, spec.temperature,
+                                            prefix_embeds=prefix_embeds)[:, tp - 1:]
 
-  raw_scores = score_fn(score_params, tokens, mask, full_resp_mask).astype(jnp.float32)
+  raw_scores = score_fn(score_params, tokens, mask, full_resp_mask, **pre).astype(jnp.float32)
   if raw_scores.shape != (b,):
     raise ValueError(f"{_WHERE}:rollout: score_fn must return [B]={b} scores, got {raw_scores.shape}")
   scores = raw_scores
@@ -199,7 +205,9 @@ def make_rollout(policy_cfg, value_cfg, ref_cfg, score_fn: ScoreFn, *, max_new_t
     temperature-scaled distribution (see rlhf_jax/sampling.py), so keep them off for PPO
     unless you accept that mismatch.
 
-  The returned function has a `.spec` attribute (RolloutSpec) and returns a dict:
+  The returned function rollout(policy, value, ref, score params, prompt_tokens, prompt_mask, rng,
+  beta, prefix_embeds=None) (prefix_embeds: optional [B,P,D] image tokens read by all four models,
+  see `sample_and_score`) has a `.spec` attribute (RolloutSpec) and returns a dict:
     tokens          int32 [B,T]  prompt + response (T = Tp + N), pad_id after EOS and in the left padding
     attention_mask  int32 [B,T]  1 on real tokens (prompt and response up to and including EOS)
     response_mask   int32 [B,N]  1 on generated tokens, including the EOS
@@ -227,12 +235,13 @@ def make_rollout(policy_cfg, value_cfg, ref_cfg, score_fn: ScoreFn, *, max_new_t
   _check_spec(cfgs, spec)
   p_cfg, v_cfg, r_cfg = cfgs["policy"], cfgs["value"], cfgs["ref"]
 
-  def rollout(policy_params, value_params, ref_params, score_params, prompt_tokens, prompt_mask, rng, beta):
+  def rollout(policy_params, value_params, ref_params, score_params, prompt_tokens, prompt_mask, rng, beta,
+              prefix_embeds=None):
     tp = prompt_tokens.shape[1]
     exp = sample_and_score(spec, p_cfg, r_cfg, score_fn, policy_params, ref_params, score_params, prompt_tokens,
-                           prompt_mask, rng)
+                           prompt_mask, rng, prefix_embeds)
     tokens, mask, resp_mask = exp["tokens"], exp["attention_mask"], exp["response_mask"]
-    values = heads.values(value_params, v_cfg, tokens, mask)[:, tp - 1:-1]
+    values = heads.values(value_params, v_cfg, tokens, mask, prefix_embeds=prefix_embeds)[:, tp - 1:-1]
     values = jnp.where(resp_mask > 0, values, 0.0)
 
     beta = jnp.asarray(beta, jnp.float32)

@@ -82,11 +82,14 @@ def lm_loss_fn(model_cfg, chunk_size=None):
   return loss_fn
 
 
-def kwise_rm_loss_fn(model_cfg):
+def kwise_rm_loss_fn(model_cfg, image_prefix=None):
   """InstructGPT's RM loss on batch {"tokens","attention_mask": [B,K,T], "ranks","reward_index": [B,K], "valid"}.
 
   All K responses of a prompt are one batch element: K forward passes per prompt (reshaped
   to [B*K, T]), and the loss covers all C(K,2) pairs among them.
+  image_prefix: image prompts (issue 15): image_prefix(batch["images"] float32 [B,H,W,C]) -> [B,P,D]
+  image tokens from a frozen encoder (e.g. `vlm.image_tokens` closed over the SFT stage's ViT and
+  projector), computed once per prompt and read before each of its K rows.
   """
   from rlhf_jax.losses.ranking import kwise_ranking_loss
   from rlhf_jax.model import heads
@@ -94,8 +97,12 @@ def kwise_rm_loss_fn(model_cfg):
   def loss_fn(params, batch, rng):
     b, k, t = batch["tokens"].shape
     flat = lambda x: x.reshape((b * k,) + x.shape[2:])
+    prefix = None
+    if image_prefix is not None:
+      p = jax.lax.stop_gradient(image_prefix(batch["images"]))
+      prefix = jnp.repeat(p, k, axis=0)   # row b*K + j reads prompt b's image
     r = heads.rewards(params, model_cfg, flat(batch["tokens"]), flat(batch["attention_mask"]),
-                      flat(batch["reward_index"]), dropout_rng=rng).reshape(b, k)
+                      flat(batch["reward_index"]), dropout_rng=rng, prefix_embeds=prefix).reshape(b, k)
     return kwise_ranking_loss(r, batch["ranks"], batch["valid"])
   return loss_fn
 
