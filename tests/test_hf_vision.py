@@ -231,3 +231,19 @@ def test_vit_config_defaults_unchanged():
     vit.ViTConfig(pixel_mean=(0.5,), pixel_std=(0.5,))
   with pytest.raises(ValueError, match="pixel_std must be positive"):
     vit.ViTConfig(pixel_mean=(0.5,) * 3, pixel_std=(0.5, 0.0, 0.5))
+
+
+def test_vision_recipe_starts_from_an_hf_tower(dirs, tmp_path):
+  """experiments/vision_tiny.py --config.vit_from=DIR: the VLM's encoder is the SigLIP tower."""
+  import ml_collections as mlc
+  from rlhf_jax.recipes import vision
+  cfg, params = hf_vision.load_vision_tower(dirs["root"] / "tower")
+  got_cfg, got = vision.vision_tower(mlc.ConfigDict({"vit_from": str(dirs["root"] / "tower")}))
+  assert got_cfg == cfg
+  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  big = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**{**TOWER, "image_size": 64},
+                                                                       vision_use_head=False))
+  big.save_pretrained(tmp_path / "big")
+  with pytest.raises(ValueError, match="image world draws 32x32x3"):
+    vision.vision_tower(mlc.ConfigDict({"vit_from": str(tmp_path / "big")}))

@@ -161,6 +161,7 @@ def test_smoke_run_does_rlhf_on_image_prompts(smoke_runs):
   full, root = smoke_runs["full"], smoke_runs["root"]
   rm, ppo_s = full["stages"]["rm"], full["stages"]["ppo"]
   assert rm["train_comparisons"] > 0 and rm["eval_pairs"] > 0 and 0 <= rm["eval_pairwise_accuracy"] <= 1
+  assert rm["blank_fraction"] > 0 and (rm["on_policy_pair_accuracy"] is None) == (rm["on_policy_pairs"] == 0)
   recs = [json.loads(line) for line in (root / "full" / "rm" / "comparisons_train.jsonl").read_text().splitlines()]
   assert len(recs) == rm["train_comparisons"]
   for rec in recs:   # gold-ranked: the ranks order the image checker's scores
@@ -176,6 +177,8 @@ def test_smoke_run_does_rlhf_on_image_prompts(smoke_runs):
     assert w["ci95"][0] <= w["win_rate"] <= w["ci95"][1]
   assert "rm_score" in saved["rlhf"]["sampled"]["ppo"]
   assert "| PPO vs SFT |" in (root / "full" / "results.md").read_text()
+  assert sorted(Path(p).name for p in full["plots"]) == ["families.png", "ppo_trust_region.png", "rlhf_families.png"]
+  assert all(Path(p).stat().st_size > 10_000 for p in full["plots"])
 
 
 def test_recipe_rejects_shared_streams_and_cut_eval_prompts(tmp_path):

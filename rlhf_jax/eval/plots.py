@@ -131,6 +131,25 @@ def plot_gold_bars(summary: Mapping, path: str, *, metric: str = "gold_mean", se
   return _save(fig, path)
 
 
+def plot_grouped_bars(groups: Mapping[str, Mapping[str, float]], path: str, *, categories: Sequence[str],
+                      ylabel: str, title: str) -> str:
+  """Grouped bars: one group per category (e.g. task family), one bar per series in `groups`
+  ({series label: {category: value}}); categories a series lacks are left empty."""
+  if not groups or not categories:
+    raise ValueError(f"{_WHERE}: plot_grouped_bars needs at least one series and one category")
+  fig, (ax,) = _figure()
+  width = 0.8 / len(groups)
+  x = np.arange(len(categories))
+  for i, (label, values) in enumerate(groups.items()):
+    ax.bar(x + (i - (len(groups) - 1) / 2) * width, [float(values.get(c, np.nan)) for c in categories], width,
+           label=label)
+  ax.set_xticks(x)
+  ax.set_xticklabels(categories, rotation=20, ha="right")
+  ax.set(ylabel=ylabel, title=title)
+  ax.legend(fontsize=8)
+  return _save(fig, path)
+
+
 def plot_beta_sweep(results: Mapping, path: str, *, rm_key: str = "ppo/score",
                     gold_key: str = "eval/gold_mean", kl_key: str = "ppo/kl", x: str = "kl") -> str:
   """The over-optimisation picture: RM score and gold score of each beta's run vs KL (or step).

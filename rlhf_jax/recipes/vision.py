@@ -9,6 +9,10 @@ accuracy per task family with the image and with the image blanked (the text-onl
   eval:          greedy answers (`vlm.generate`) to `eval.n_per_family` held-out samples per family
                  (their own stream, `data.eval_seed`), mean gold score (`image_world.score`) per
                  family, once with the image and once with an all-zero image ("blank")
+  rlhf (config.rlhf): the K-wise RM and PPO on image prompts, then SFT vs PPO on the same held-out
+                 samples (`recipes/vision_rlhf.py`: stages workdir/rm and workdir/ppo)
+The encoder starts random, or from an HF SigLIP tower for 32x32 images (`config.vit_from`,
+`model/hf_vision.py`).
 
 Both stages run through `supervised.fit` (the shared loop: exact resume from the stage's
 checkpoints, including the data iterator's position). Frozen subtrees are not in the train
@@ -21,7 +25,8 @@ tokens), vit (`vit.ViTConfig` fields), gpt (`GPTConfig` fields; vocab_size and m
 derived), data {vocab_size, tokenizer_n, train_seed, eval_seed}, mesh, align / sft {trainable,
 families, n_train, batch_size, optim, loop, eval_batches}, eval {n_per_family, batch_size,
 max_new_tokens}.
-Writes workdir/results.json and workdir/results.md (the table); returns the results dict.
+Writes workdir/results.json, workdir/results.md (the tables) and workdir/plots/*.png; returns the
+results dict.
 Each finished stage also records itself for `load_vision_stage` (e.g. `python -m rlhf_jax.chat
 --workdir runs/vision --image x.png`): workdir/<stage>/stage.json (stage "vision_align" /
 "vision_sft", the decoder's GPTConfig as "model", the ViT's as "vit", the seed, the trained
@@ -62,9 +67,23 @@ def tokenizer(config) -> tok_lib.Tokenizer:
                            int(config.data.vocab_size))
 
 
+def vision_tower(config):
+  """(ViTConfig, ViT params or None): `config.vit_from` (an HF SigLIP directory, `hf_vision`; its
+  pooling head, if any, dropped) when set, else the `vit` section and None (random init)."""
+  if config.get("vit_from"):
+    from rlhf_jax.model import hf_vision
+    vcfg, vparams = hf_vision.load_vision_tower(config.vit_from, drop_head=True)
+    if vcfg.image_size != iw.SIZE or vcfg.channels != iw.CHANNELS:
+      raise ValueError(f"{_WHERE}: config.vit_from={config.vit_from} takes {vcfg.image_size}x{vcfg.image_size}x"
+                       f"{vcfg.channels} images; the image world draws {iw.SIZE}x{iw.SIZE}x{iw.CHANNELS}")
+    return vcfg, jax.device_get(vparams)
+  return vit._as_config(config.vit.to_dict()), None
+
+
 def model_config(config, tok) -> vlm.VLMConfig:
-  """VLMConfig from the `vit` and `gpt` sections; the decoder's window = image tokens + max_len."""
-  vcfg = vit._as_config(config.vit.to_dict())
+  """VLMConfig from the `vit` (or `vit_from`) and `gpt` sections; the decoder's window = image
+  tokens + max_len."""
+  vcfg = vision_tower(config)[0]
   g = config.gpt.to_dict()
   derived = sorted({"vocab_size", "max_len"} & set(g))
   if derived:
@@ -127,7 +146,8 @@ def train_stage(config, name: str, workdir: str, cfg: vlm.VLMConfig, tok, params
   trained = jax.device_get(state["params"])
   done = STAGES[:STAGES.index(name) + 1]
   stages.write_stage(stage_dir, STAGE_KINDS[name], cfg.gpt, tok, vit=dataclasses.asdict(cfg.vit),
-                     seed=int(config.seed), trained={n: list(TRAINABLE[str(config[n].trainable)]) for n in done},
+                     seed=int(config.seed), vit_from=str(config.get("vit_from", "") or ""),
+                     trained={n: list(TRAINABLE[str(config[n].trainable)]) for n in done},
                      max_new_tokens=int(config.eval.max_new_tokens))
   losses = {int(h["step"]): float(h[f"{name}/loss"]) for h in loop.read_metrics(stage_dir) if f"{name}/loss" in h}
   steps_done = sorted(losses)
@@ -145,7 +165,8 @@ def load_vision_stage(workdir: str):
   """(stage info, VLMConfig, tokenizer, full VLM params) of a finished vision stage: workdir is
   a stage directory (workdir/align, workdir/sft) or a vision run's workdir (its sft stage).
 
-  The params are rebuilt as the run built them: `vlm.init` from the recorded seed, then each
+  The params are rebuilt as the run built them: `vlm.init` from the recorded seed (and the recorded
+  `vit_from` tower), then each
   stage's checkpoint (its trained subtrees) over it, in order. Raises ValueError when the
   directory is not a vision stage (a text-only stage, or nothing recorded)."""
   path = workdir
@@ -162,6 +183,8 @@ def load_vision_stage(workdir: str):
   cfg = vlm.VLMConfig(vit._as_config(info["vit"]), GPTConfig(**info["model"]))
   tok = tok_lib.load(os.path.join(path, "tokenizer"))
   params = jax.device_get(vlm.init(cfg, jax.random.PRNGKey(int(info["seed"]))))
+  if info.get("vit_from"):   # the pretrained encoder the run started from
+    params["vit"] = vision_tower(mlc.ConfigDict({"vit_from": info["vit_from"]}))[1]
   run_dir = os.path.dirname(os.path.abspath(path))
   for name in STAGES[:STAGES.index(info["stage"][len("vision_"):]) + 1]:
     trained = checkpoint.load_params(os.path.join(run_dir, name, "checkpoints"))
@@ -252,6 +275,40 @@ def table(result: dict) -> str:
   return "\n".join(rows) + "\n"
 
 
+def write_plots(result: dict, workdir: str) -> list[str]:
+  """workdir/plots/: families.png (gold per family with vs blank image) and, after RLHF,
+  rlhf_families.png (SFT vs PPO, greedy and sampled) and ppo_trust_region.png (the PPO traces)."""
+  from rlhf_jax.eval import plots
+  cats = list(iw.FAMILIES) + ["mean"]
+  ev = result["eval"]
+  out = [plots.plot_grouped_bars({"with image": ev["with_image"], "blank image": ev["blank_image"]},
+                                 os.path.join(workdir, "plots", "families.png"), categories=cats,
+                                 ylabel="mean gold score", title="image world: SFT model, greedy answers")]
+  if result.get("rlhf"):
+    r = result["rlhf"]
+    groups = {f"{n} {m}": r[m][n] for m in ("greedy", "sampled") for n in r[m]}
+    out.append(plots.plot_grouped_bars(groups, os.path.join(workdir, "plots", "rlhf_families.png"), categories=cats,
+                                       ylabel="mean gold score", title="RLHF on image prompts: SFT vs PPO"))
+    out.append(plots.plot_ppo_curves({"ppo": loop.read_metrics(os.path.join(workdir, "ppo"))},
+                                     os.path.join(workdir, "plots", "ppo_trust_region.png"),
+                                     panels=(("ppo/score", "RM reward"), ("ppo/kl", "KL to SFT"),
+                                             *plots.TRUST_PANELS[:3])))
+  return out
+
+
+def size_table(runs: dict) -> str:
+  """Markdown: accuracy per family (with the image; blank in parentheses) for runs of several
+  sizes. runs: {label: results.json dict of a vision run}."""
+  rows = ["| model | params (ViT + projector + decoder) | " + " | ".join(iw.FAMILIES) + " | mean |",
+          "|---|---|" + "---|" * (len(iw.FAMILIES) + 1)]
+  for label, r in runs.items():
+    ev = r["eval"]
+    n = sum(r["num_params"].values())
+    rows.append(f"| {label} | {n:,} | " + " | ".join(f"{ev['with_image'][f]:.3f} ({ev['blank_image'][f]:.2f})"
+                                                     for f in list(iw.FAMILIES) + ["mean"]) + " |")
+  return "\n".join(rows) + "\n"
+
+
 # ------------------------------------------------------------------ the recipe
 def run(config, workdir: str, hooks: dict | None = None) -> dict:
   """Alignment, multimodal SFT, evaluation; writes results.json and results.md in workdir.
@@ -266,6 +323,9 @@ def run(config, workdir: str, hooks: dict | None = None) -> dict:
   tok = tokenizer(config)
   cfg = model_config(config, tok)
   params = jax.device_get(vlm.init(cfg, jax.random.PRNGKey(int(config.seed))))
+  tower = vision_tower(config)[1]
+  if tower is not None:   # a pretrained encoder (SigLIP) instead of the random ViT
+    params["vit"] = tower
   summaries = {}
   for name in STAGES:
     params, summaries[name] = train_stage(config, name, workdir, cfg, tok, params,
@@ -291,6 +351,7 @@ def run(config, workdir: str, hooks: dict | None = None) -> dict:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(result, f, indent=2)
+    result["plots"] = write_plots(result, workdir)
     with open(os.path.join(workdir, "results.md"), "w") as f:
       f.write(table(ev))
       if rlhf is not None:

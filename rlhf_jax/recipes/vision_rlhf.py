@@ -1,8 +1,9 @@
 """Image input (issue 15), RLHF on multimodal prompts: InstructGPT's steps 2 and 3 after the
 vision recipe's SFT (`recipes/vision.py`), with the image world's gold checker as the labeller.
 
-  stage "rm"   (workdir/rm):  K ~ U[k_min, k_max] answers per training image prompt, sampled from
-               the SFT model at `rm.temperature`, ranked by `image_world.score` (ties share a rank;
+  stage "rm"   (workdir/rm):  K ~ U[k_min, k_max] answers per training image prompt, sampled at
+               `rm.temperature` from the SFT model, a `rm.blank_fraction` of them with the image
+               blanked (`label`), ranked by `image_world.score` (ties share a rank;
                all-tied prompts are skipped and counted: `comparisons.label_comparisons`), cached
                as JSONL (comparisons_{train,eval}.jsonl: messages, responses, ranks, task; the
                image is redrawn from the task). The RM is the SFT decoder with a scalar head
@@ -21,7 +22,7 @@ Evaluation (`compare`): SFT and PPO answer the same held-out samples (the vision
 stream), greedy and sampled at the PPO temperature; mean gold score per family, and PPO vs SFT
 wins / ties / losses on the per-sample gold score with a bootstrap CI (`bootstrap.win_tie_loss`).
 
-Config sections (`experiments/vision_tiny.py`): rm {n_train, n_eval, k_min, k_max, temperature,
+Config sections (`experiments/vision_tiny.py`): rm {n_train, n_eval, k_min, k_max, temperature, blank_fraction,
 max_new_tokens, sample_batch_size, n_norm_demos, batch_size, eval_batches, optim, loop}, ppo
 {batch_size, n_prompts, ppo (`train.ppo.default_config` keys), optim, value_optim, loop}; data
 {rm_seed, ppo_seed} name the sample streams (the eval stream is the vision recipe's).
@@ -62,25 +63,42 @@ def _samples(seed: int, n: int, families) -> list[dict]:
   return [iw.sample_at(seed, i, families) for i in range(n)]
 
 
-def label(config, workdir: str, cfg: vlm.VLMConfig, tok, params: dict, split: str) -> list[dict]:
-  """Gold-ranked K-way comparisons of SFT answers to `rm.n_{split}` image prompts (cached as JSONL).
+SPLITS = {"train": (0, None), "eval": (1, None), "eval_on_policy": (1, 0.0)}   # (stream, blank_fraction)
 
-  Stream: data.rm_seed * 10 + (0 train, 1 eval); K ~ U[k_min, k_max] per prompt (its own rng)."""
+
+def label(config, workdir: str, cfg: vlm.VLMConfig, tok, params: dict, split: str) -> list[dict]:
+  """Gold-ranked K-way comparisons of answers to `rm.n_{train,eval}` image prompts (cached as JSONL).
+
+  Stream: data.rm_seed * 10 + (0 train, 1 eval). Per prompt K ~ U[k_min, k_max] answers (its own
+  rng), from two policies as InstructGPT's comparisons came from several: round(K *
+  rm.blank_fraction) from the SFT model with the image blanked (plausible answers that ignore the
+  image), the rest from the SFT model with the image, shuffled. Split "eval_on_policy": the eval
+  prompts with every answer from the SFT model with the image (the pairs PPO's RM must judge)."""
   path = os.path.join(workdir, "rm", f"comparisons_{split}.jsonl")
   if os.path.exists(path):
     with open(path) as f:
       return [json.loads(line) for line in f]
   r = config.rm
-  n = int(r.n_train if split == "train" else r.n_eval)
-  samples = _samples(int(config.data.rm_seed) * 10 + (split == "eval"), n, vision._families(config.sft.families))
-  flat = [s for s in samples for _ in range(int(r.k_max))]
-  texts = vision.answers(params, cfg, tok, flat, blank=False, batch_size=int(r.sample_batch_size),
-                         max_prompt_len=int(config.max_len) - int(r.max_new_tokens) + 1,
-                         max_new_tokens=int(r.max_new_tokens), temperature=float(r.temperature),
-                         rng=jax.random.PRNGKey(int(config.seed) * 2 + 11 + (split == "eval")))
-  rng = np.random.default_rng([int(config.seed), 15, split == "eval"])
-  ks = rng.integers(int(r.k_min), int(r.k_max) + 1, size=n)
-  per = [texts[i * int(r.k_max):i * int(r.k_max) + int(k)] for i, k in enumerate(ks)]
+  stream, blank_fraction = SPLITS[split]
+  blank_fraction = float(r.blank_fraction) if blank_fraction is None else blank_fraction
+  n = int(r.n_train if stream == 0 else r.n_eval)
+  samples = _samples(int(config.data.rm_seed) * 10 + stream, n, vision._families(config.sft.families))
+  k_max = int(r.k_max)
+  flat = [s for s in samples for _ in range(k_max)]
+  kw = dict(batch_size=int(r.sample_batch_size), max_prompt_len=int(config.max_len) - int(r.max_new_tokens) + 1,
+            max_new_tokens=int(r.max_new_tokens), temperature=float(r.temperature))
+  key = jax.random.PRNGKey(int(config.seed) * 2 + 11 + stream)
+  texts = {blank: vision.answers(params, cfg, tok, flat, blank=blank, rng=jax.random.fold_in(key, blank), **kw)
+           for blank in ((False, True) if blank_fraction > 0 else (False,))}
+  rng = np.random.default_rng([int(config.seed), 15, stream])
+  ks = rng.integers(int(r.k_min), k_max + 1, size=n)
+  per = []
+  for i, k in enumerate(ks):
+    n_blank = int(round(int(k) * blank_fraction))
+    mixed = texts[False][i * k_max:i * k_max + int(k) - n_blank]
+    if n_blank:
+      mixed = mixed + texts[True][i * k_max:i * k_max + n_blank]
+    per.append([mixed[j] for j in rng.permutation(len(mixed))])
   records = comparisons.label_comparisons([iw.prompt_record(s) for s in samples], per, None, scorer=iw.score)
   print(f"vision rm: labelled {split}: {len(records)} of {n} prompts; {records.stats.summary()} "
         f"{records.stats.extra}")
@@ -134,27 +152,40 @@ def train_rm(config, workdir: str, cfg: vlm.VLMConfig, tok, params: dict):
   r = config.rm
   train_recs = label(config, workdir, cfg, tok, params, "train")
   eval_recs = label(config, workdir, cfg, tok, params, "eval")
+  on_policy = label(config, workdir, cfg, tok, params, "eval_on_policy")
   frozen = jax.device_get(vision_params(params))
   k_max, max_len = int(r.k_max), int(config.max_len)
   batches = pipeline.comparison_batches(train_recs, tok, int(r.batch_size), max_len, k_max, seed=int(config.seed),
                                         extra=iw.record_image)
   evals = pipeline.comparison_eval_batches(eval_recs, tok, int(r.batch_size), max_len, k_max, extra=iw.record_image)
+  on_policy_evals = pipeline.comparison_eval_batches(on_policy, tok, int(r.batch_size), max_len, k_max,
+                                                     extra=iw.record_image)
+  loss_fn = steps.kwise_rm_loss_fn(cfg.gpt, _prefix_fn(cfg, frozen))
+  eval_step = jax.jit(steps.make_eval_step(loss_fn))
   start = heads.from_lm(params["gpt"], cfg.gpt, jax.random.PRNGKey(int(config.seed) + 7))
   stage_dir = os.path.join(workdir, "rm")
   state, last, _ = supervised.fit(
-      vision.stage_config(config, "rm"), stage_dir, loss_fn=steps.kwise_rm_loss_fn(cfg.gpt, _prefix_fn(cfg, frozen)),
+      vision.stage_config(config, "rm"), stage_dir, loss_fn=loss_fn,
       param_axes=heads.param_axes(cfg.gpt), params=start, host_batches=batches, eval_batches=list(evals),
       eval_weight_key="num_pairs", name="rm")
   rm = jax.device_get(state["params"])
+  hits = pairs = 0.0
+  for b in on_policy_evals:   # pooled pair accuracy on SFT-with-image answers only
+    m = eval_step(rm, b)
+    hits, pairs = hits + float(m["accuracy"]) * float(m["num_pairs"]), pairs + float(m["num_pairs"])
   demos = _samples(int(config.data.rm_seed) * 10 + 2, int(r.n_norm_demos), vision._families(config.sft.families))
   demo_scores = rm_scores(rm, frozen, cfg, tok, demos, [s["answer"] for s in demos])
   offset = -float(np.mean(demo_scores))
   summary = {"train_comparisons": len(train_recs), "eval_comparisons": len(eval_recs),
              "train_pipeline": batches.stats.as_dict(), "eval_pairs": sum(rm_data.batch_pairs(b) for b in evals),
              "eval_pairwise_accuracy": last.get("eval/accuracy"), "eval_loss": last.get("eval/loss"),
+             "on_policy_comparisons": len(on_policy), "on_policy_pairs": int(pairs),
+             "on_policy_pair_accuracy": hits / pairs if pairs else None,
+             "blank_fraction": float(r.blank_fraction),
              "train_loss": last.get("loss"), "steps": int(r.loop.num_steps), "reward_offset": offset,
              "demo_score_std": float(np.std(demo_scores)), "seconds": round(time.perf_counter() - t0, 1)}
   summary["length_baseline_eval"] = _length_baseline(eval_recs)
+  summary["length_baseline_on_policy"] = _length_baseline(on_policy)
   return heads.shift_bias(rm, offset), summary
 
 
