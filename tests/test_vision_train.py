@@ -177,6 +177,15 @@ def test_smoke_run_does_rlhf_on_image_prompts(smoke_runs):
     assert w["ci95"][0] <= w["win_rate"] <= w["ci95"][1]
   assert "rm_score" in saved["rlhf"]["sampled"]["ppo"]
   assert "| PPO vs SFT |" in (root / "full" / "results.md").read_text()
+  # the PPO stage is a vision stage too (chat --workdir <run>/ppo --image ...): SFT's encoder, PPO's decoder
+  info, _, _, ppo_params = vision.load_vision_stage(str(root / "full" / "ppo"))
+  _, _, _, sft_params = vision.load_vision_stage(str(root / "full" / "sft"))
+  assert info["stage"] == "vision_ppo" and list(info["trained"]) == ["align", "sft", "ppo"]
+  policy = checkpoint.load_params(str(root / "full" / "ppo" / "checkpoints"))
+  same = lambda a, b: all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a),
+                                                                                           jax.tree.leaves(b)))
+  assert same(ppo_params["gpt"], policy) and same(ppo_params["vit"], sft_params["vit"])
+  assert same(ppo_params["projector"], sft_params["projector"]) and not same(ppo_params["gpt"], sft_params["gpt"])
   assert sorted(Path(p).name for p in full["plots"]) == ["families.png", "ppo_trust_region.png", "rlhf_families.png"]
   assert all(Path(p).stat().st_size > 10_000 for p in full["plots"])
 

@@ -56,7 +56,9 @@ _WHERE = "rlhf_jax/recipes/vision.py"
 TRAINABLE = {"projector": ("projector",), "decoder_projector": ("projector", "gpt"),
              "all": ("vit", "projector", "gpt")}
 STAGES = ("align", "sft")
-STAGE_KINDS = {name: f"vision_{name}" for name in STAGES}   # stage.json "stage" of each sub-stage
+# stage.json "stage" of each sub-stage that holds a policy, in the order load_vision_stage rebuilds them
+# ("ppo": recipes/vision_rlhf.py; its checkpoint's policy is the decoder)
+STAGE_KINDS = {name: f"vision_{name}" for name in STAGES + ("ppo",)}
 
 
 # ------------------------------------------------------------------ model and tokenizer
@@ -144,11 +146,7 @@ def train_stage(config, name: str, workdir: str, cfg: vlm.VLMConfig, tok, params
       param_axes={k: axes[k] for k in train}, params=train, host_batches=batches, eval_batches=evals,
       eval_weight_key="num_tokens", name=name, hooks=hooks)
   trained = jax.device_get(state["params"])
-  done = STAGES[:STAGES.index(name) + 1]
-  stages.write_stage(stage_dir, STAGE_KINDS[name], cfg.gpt, tok, vit=dataclasses.asdict(cfg.vit),
-                     seed=int(config.seed), vit_from=str(config.get("vit_from", "") or ""),
-                     trained={n: list(TRAINABLE[str(config[n].trainable)]) for n in done},
-                     max_new_tokens=int(config.eval.max_new_tokens))
+  write_vision_stage(config, cfg, tok, name, stage_dir)
   losses = {int(h["step"]): float(h[f"{name}/loss"]) for h in loop.read_metrics(stage_dir) if f"{name}/loss" in h}
   steps_done = sorted(losses)
   summary = {"trainable": str(s.trainable), "trained_subtrees": sorted(train), "families": list(families),
@@ -161,9 +159,20 @@ def train_stage(config, name: str, workdir: str, cfg: vlm.VLMConfig, tok, params
   return {**jax.device_get(frozen), **trained}, summary
 
 
+def write_vision_stage(config, cfg: vlm.VLMConfig, tok, name: str, stage_dir: str) -> None:
+  """stage.json (+ tokenizer) of the finished sub-stage `name` (a key of STAGE_KINDS): the configs,
+  the seed, vit_from, and the subtrees each stage up to this one trained (what `load_vision_stage`
+  reads back)."""
+  done = list(STAGE_KINDS)[:list(STAGE_KINDS).index(name) + 1]
+  trained = {n: ["gpt"] if n == "ppo" else list(TRAINABLE[str(config[n].trainable)]) for n in done}
+  stages.write_stage(stage_dir, STAGE_KINDS[name], cfg.gpt, tok, vit=dataclasses.asdict(cfg.vit),
+                     seed=int(config.seed), vit_from=str(config.get("vit_from", "") or ""), trained=trained,
+                     max_new_tokens=int(config.eval.max_new_tokens))
+
+
 def load_vision_stage(workdir: str):
   """(stage info, VLMConfig, tokenizer, full VLM params) of a finished vision stage: workdir is
-  a stage directory (workdir/align, workdir/sft) or a vision run's workdir (its sft stage).
+  a stage directory (workdir/align, workdir/sft, workdir/ppo) or a vision run's workdir (its sft stage).
 
   The params are rebuilt as the run built them: `vlm.init` from the recorded seed (and the recorded
   `vit_from` tower), then each
@@ -186,8 +195,10 @@ def load_vision_stage(workdir: str):
   if info.get("vit_from"):   # the pretrained encoder the run started from
     params["vit"] = vision_tower(mlc.ConfigDict({"vit_from": info["vit_from"]}))[1]
   run_dir = os.path.dirname(os.path.abspath(path))
-  for name in STAGES[:STAGES.index(info["stage"][len("vision_"):]) + 1]:
+  for name in info["trained"]:
     trained = checkpoint.load_params(os.path.join(run_dir, name, "checkpoints"))
+    if name == "ppo":   # an RL state: its policy is the decoder
+      trained = {"gpt": trained}
     if sorted(trained) != sorted(info["trained"][name]):
       raise ValueError(f"{_WHERE}: {run_dir}/{name}/checkpoints holds {sorted(trained)}, but stage.json "
                        f"records {sorted(info['trained'][name])} trained there")

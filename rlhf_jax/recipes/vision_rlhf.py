@@ -230,6 +230,7 @@ def train_ppo(config, workdir: str, cfg: vlm.VLMConfig, tok, params: dict, rm_pa
       score_fn=rollout.reward_model_score_fn(cfg.gpt), prompt_batches=prompts, eos_id=tok.eos_id,
       pad_id=tok.pad_id, name="ppo", hooks=hooks, vision=(cfg, frozen))
   policy = jax.device_get(state["policy"]["params"])
+  vision.write_vision_stage(config, cfg, tok, "ppo", stage_dir)   # chat --workdir <run>/ppo --image ...
   keys = ("score", "kl", "approx_kl", "clip_frac", "explained_variance", "response_length")
   logged = {h["step"]: h for h in loop.read_metrics(stage_dir) if "ppo/score" in h}   # a replayed step: last wins
   trace = [{"step": s, **{k: logged[s][f"ppo/{k}"] for k in keys}} for s in sorted(logged)]
