@@ -44,7 +44,8 @@ def shared_data():
 # `--dist loadfile` the workers take modules in collection order (pytest_configure below turns off
 # xdist's default order, by number of tests, which would start these few-test, long modules last and
 # leave one worker idle at the end).
-LONGEST_FIRST = ("test_instructgpt_smoke.py", "test_multiprocess.py", "test_instructgpt_hh.py", "test_lora.py",
+LONGEST_FIRST = ("test_instructgpt_smoke.py", "test_multiprocess.py", "test_vision_train.py", "test_instructgpt_hh.py",
+                 "test_lora.py",
                  "test_real_rm.py", "test_ppo_train.py", "test_parallel.py", "test_generic_stages.py",
                  "test_model.py", "test_policy_gradient.py", "test_dpo.py", "test_fast_paths.py", "test_main.py")
 

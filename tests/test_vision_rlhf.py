@@ -39,8 +39,14 @@ def _images(n, seed=1):
   return iw.stack_images([iw.sample_at(seed, i)["image"] for i in range(n)])
 
 
+_image_tokens = jax.jit(vlm.image_tokens, static_argnums=(1,))
+# Jitted once per shape (op-by-op dispatch of these tiny models is slower than compiling them).
+_rewards = jax.jit(lambda p, t, m, i, pre: heads.rewards(p, CFG.gpt, t, m, i, prefix_embeds=pre))
+_values = jax.jit(lambda p, t, m, pre: heads.values(p, CFG.gpt, t, m, prefix_embeds=pre))
+
+
 def _prefix(images):
-  return vlm.image_tokens(_params(), CFG, images)
+  return _image_tokens(_params(), CFG, images)
 
 
 def _rows(b, t, seed=0, left=(), right=()):
@@ -61,16 +67,15 @@ def test_scalar_heads_read_the_image_prefix_and_ignore_padding():
   hidden = gpt.hidden_states(_params()["gpt"], CFG.gpt, tokens, mask, prefix_embeds=prefix)
   full, _ = gpt.forward(_params()["gpt"], CFG.gpt, tokens, vlm.full_mask(CFG, mask), prefix_embeds=prefix)
   np.testing.assert_array_equal(np.asarray(hidden), np.asarray(full[:, P:]))   # token-aligned: prefix dropped
-  r = heads.rewards(_rm(), CFG.gpt, tokens, mask, prefix_embeds=prefix)
-  v = heads.values(_rm(), CFG.gpt, tokens, mask, prefix_embeds=prefix)
+  r = _rewards(_rm(), tokens, mask, None, prefix)
+  v = _values(_rm(), tokens, mask, prefix)
   for row, keep in ((0, slice(0, 10)), (1, slice(3, 10)), (2, slice(0, 6))):   # each row alone, unpadded
-    one = heads.rewards(_rm(), CFG.gpt, tokens[row:row + 1, keep], np.ones((1, keep.stop - keep.start), np.int32),
-                        prefix_embeds=prefix[row:row + 1])
+    ones = np.ones((1, keep.stop - keep.start), np.int32)
+    one = _rewards(_rm(), tokens[row:row + 1, keep], ones, None, prefix[row:row + 1])
     np.testing.assert_allclose(float(r[row]), float(one[0]), atol=1e-5)
-    vals = heads.values(_rm(), CFG.gpt, tokens[row:row + 1, keep], np.ones((1, keep.stop - keep.start), np.int32),
-                        prefix_embeds=prefix[row:row + 1])
+    vals = _values(_rm(), tokens[row:row + 1, keep], ones, prefix[row:row + 1])
     np.testing.assert_allclose(np.asarray(v[row, keep]), np.asarray(vals[0]), atol=1e-5)
-  other = heads.rewards(_rm(), CFG.gpt, tokens, mask, prefix_embeds=_prefix(_images(3, seed=2)))
+  other = _rewards(_rm(), tokens, mask, None, _prefix(_images(3, seed=2)))
   assert float(jnp.max(jnp.abs(other - r))) > 1e-4   # the reward depends on the image
   with pytest.raises(ValueError, match="prefix_embeds"):
     sampling.sequence_logprobs(_params()["gpt"], CFG.gpt, tokens, mask, prefix_embeds=prefix[:, :, :8])
@@ -111,9 +116,9 @@ def test_rollout_with_image_prompts_scores_and_values_with_the_prefix():
   np.testing.assert_allclose(np.asarray(exp["logprobs"]), np.asarray(again["logprobs"]), atol=1e-5)
   np.testing.assert_allclose(np.asarray(exp["kl"]), 0.0, atol=1e-4)   # policy == reference
   # the RM score of each rollout row is heads.rewards of that row with its image
-  raw = heads.rewards(_rm(), CFG.gpt, exp["tokens"], exp["attention_mask"], prefix_embeds=prefix)
+  raw = _rewards(_rm(), exp["tokens"], exp["attention_mask"], None, prefix)
   np.testing.assert_allclose(np.asarray(exp["raw_scores"]), np.asarray(raw), atol=1e-6)
-  vals = heads.values(_rm(), CFG.gpt, exp["tokens"], exp["attention_mask"], prefix_embeds=prefix)[:, 5:-1]
+  vals = _values(_rm(), exp["tokens"], exp["attention_mask"], prefix)[:, 5:-1]
   np.testing.assert_allclose(np.asarray(exp["values"]), np.asarray(jnp.where(exp["response_mask"] > 0, vals, 0)),
                              atol=1e-6)
   blank = jax.jit(_rollout(False))(*args, prefix_embeds=_prefix(np.zeros_like(images)))
@@ -163,17 +168,17 @@ def test_kwise_rm_loss_with_images_is_the_per_row_brute_force():
   _, recs = _records()
   b = next(pipeline.comparison_batches(recs, TOK, 4, 52, 4, seed=1, extra=iw.record_image))
   loss_fn = steps.kwise_rm_loss_fn(CFG.gpt, lambda im: vlm.image_tokens(_params(), CFG, im))
-  loss, metrics = loss_fn(_rm(), b, None)
+  loss, metrics = jax.jit(loss_fn)(_rm(), b, None)
   r = np.zeros((4, 4), np.float32)
   for i in range(4):
     for k in range(4):
-      one = heads.rewards(_rm(), CFG.gpt, b["tokens"][i, k:k + 1], b["attention_mask"][i, k:k + 1],
-                          b["reward_index"][i, k:k + 1], prefix_embeds=_prefix(b["images"][i:i + 1]))
+      one = _rewards(_rm(), b["tokens"][i, k:k + 1], b["attention_mask"][i, k:k + 1], b["reward_index"][i, k:k + 1],
+                     _prefix(b["images"][i:i + 1]))
       r[i, k] = float(one[0])
   ref, ref_m = kwise_ranking_loss(jnp.asarray(r), b["ranks"], b["valid"])
   np.testing.assert_allclose(float(loss), float(ref), atol=1e-5)
   np.testing.assert_allclose(float(metrics["accuracy"]), float(ref_m["accuracy"]), atol=1e-6)
-  grads = jax.grad(lambda p: loss_fn(p, b, None)[0])(_rm())
+  grads = jax.jit(jax.grad(lambda p: loss_fn(p, b, None)[0]))(_rm())
   assert float(jnp.abs(grads["head"]["kernel"]).sum()) > 0
 
 
