@@ -70,7 +70,7 @@ def fit_rl(config, workdir: str, *, policy_cfg, value_cfg, policy_params, ref_pa
   eval_fn(policy_params) -> dict of held-out metrics, every loop.eval_every iterations.
   vision: image prompts (issue 15): (VLMConfig, {"vit", "projector"} params), the frozen image
     encoder every model reads its image tokens from; prompt_batches then also yield "images"
-    float32 [B,H,W,C] (e.g. `image_world.prompt_batches`). The decoders' configs are policy_cfg /
+    float32 [B,H,W,C] (`pipeline.prompt_batches(extra=image_world.record_image)`). The decoders' configs are policy_cfg /
     value_cfg as for text.
   Schedules count optimizer updates: iterations x ppo_epochs x num_minibatches.
   Returns (final state, last metrics, mesh).
