@@ -213,3 +213,13 @@ def test_ppo_step_on_image_prompts_keeps_the_shared_encoder_frozen():
   assert all(np.isfinite(float(metrics[k])) for k in ("approx_kl", "clip_frac", "value_loss", "score", "kl"))
   with pytest.raises(ValueError, match="images"):
     step(state, {"prompt_tokens": prompt, "prompt_mask": pmask})
+  # At lr 0 the policy never moves, so every minibatch's ratio must be exactly the sampler's: the image
+  # tokens are permuted with their rows (a misaligned prefix would show as approx_kl > 0).
+  still = optax.sgd(0.0)
+  state0, shard0 = ppo.create_rl_state(_params()["gpt"], _rm(), _params()["gpt"], _rm(), still, still, mesh, axes,
+                                       jax.random.PRNGKey(1), 0.1, vision_params=vision)
+  step0 = state_lib.jit_step(
+      ppo.make_rl_step(roll, CFG.gpt, CFG.gpt, still, still, cfg,
+                       prefix_fn=lambda vp, im: vlm.image_tokens(vp, CFG, im)), shard0, mesh)
+  _, m0 = step0(state0, batch)
+  assert float(m0["approx_kl"]) < 1e-6 and float(m0["clip_frac"]) == 0.0

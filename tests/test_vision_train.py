@@ -187,6 +187,15 @@ def test_smoke_run_does_rlhf_on_image_prompts(smoke_runs):
   assert same(ppo_params["gpt"], policy) and same(ppo_params["vit"], sft_params["vit"])
   assert same(ppo_params["projector"], sft_params["projector"]) and not same(ppo_params["gpt"], sft_params["gpt"])
   assert sorted(Path(p).name for p in full["plots"]) == ["families.png", "ppo_trust_region.png", "rlhf_families.png"]
+  # the cached comparisons are only reused with the settings that made them
+  from rlhf_jax.recipes import vision_rlhf
+  exp, c = _config(**{"rm.temperature": 0.5})
+  c = rcfg.apply_preset(c, exp.PRESETS)
+  with pytest.raises(ValueError, match="labelled with other settings.*temperature=1.0.*now temperature=0.5"):
+    vision_rlhf.label(c, str(root / "full"), None, None, None, "train")
+  exp, c = _config(**{"data.ppo_seed": 2})
+  with pytest.raises(ValueError, match="every sample stream needs its own seed"):
+    exp.train(c, str(root / "seeds"))
   assert all(Path(p).stat().st_size > 10_000 for p in full["plots"])
 
 

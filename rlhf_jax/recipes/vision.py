@@ -330,6 +330,9 @@ def run(config, workdir: str, hooks: dict | None = None) -> dict:
   if int(config.data.train_seed) == int(config.data.eval_seed):
     raise ValueError(f"{_WHERE}: config.data.eval_seed must differ from data.train_seed "
                      f"({config.data.train_seed}): the held-out samples need their own stream")
+  if bool(config.get("rlhf", False)):
+    from rlhf_jax.recipes import vision_rlhf
+    vision_rlhf.check_seeds(config)   # before any training
   os.makedirs(workdir, exist_ok=True)
   tok = tokenizer(config)
   cfg = model_config(config, tok)

@@ -5,8 +5,8 @@ vision recipe's SFT (`recipes/vision.py`), with the image world's gold checker a
                `rm.temperature` from the SFT model, a `rm.blank_fraction` of them with the image
                blanked (`label`), ranked by `image_world.score` (ties share a rank;
                all-tied prompts are skipped and counted: `comparisons.label_comparisons`), cached
-               as JSONL (comparisons_{train,eval}.jsonl: messages, responses, ranks, task; the
-               image is redrawn from the task). The RM is the SFT decoder with a scalar head
+               as JSONL (comparisons_{train,eval,eval_on_policy}.jsonl: messages, responses, ranks,
+               task; the image is redrawn from the task). The RM is the SFT decoder with a scalar head
                (`heads.from_lm`), trained with the K-wise loss (`steps.kwise_rm_loss_fn` with the
                image prefix) through `supervised.fit`; its bias is then shifted so the gold answers
                of `rm.n_norm_demos` prompts score mean 0 (InstructGPT).
@@ -23,9 +23,10 @@ stream), greedy and sampled at the PPO temperature; mean gold score per family, 
 wins / ties / losses on the per-sample gold score with a bootstrap CI (`bootstrap.win_tie_loss`).
 
 Config sections (`experiments/vision_tiny.py`): rm {n_train, n_eval, k_min, k_max, temperature, blank_fraction,
-max_new_tokens, sample_batch_size, n_norm_demos, batch_size, eval_batches, optim, loop}, ppo
+max_new_tokens, sample_batch_size, n_norm_demos, batch_size, optim, loop}, ppo
 {batch_size, n_prompts, ppo (`train.ppo.default_config` keys), optim, value_optim, loop}; data
-{rm_seed, ppo_seed} name the sample streams (the eval stream is the vision recipe's).
+{rm_seed, ppo_seed} name the sample streams (the eval stream is the vision recipe's); train_seed,
+eval_seed, rm_seed and ppo_seed must differ.
 """
 from __future__ import annotations
 
@@ -73,14 +74,30 @@ def label(config, workdir: str, cfg: vlm.VLMConfig, tok, params: dict, split: st
   rng), from two policies as InstructGPT's comparisons came from several: round(K *
   rm.blank_fraction) from the SFT model with the image blanked (plausible answers that ignore the
   image), the rest from the SFT model with the image, shuffled. Split "eval_on_policy": the eval
-  prompts with every answer from the SFT model with the image (the pairs PPO's RM must judge)."""
+  prompts with every answer from the SFT model with the image, at rm.temperature (the kind of pairs
+  PPO's RM must judge; PPO samples at ppo.temperature). A cached file is reused only with the
+  settings that made it (comparisons_<split>.jsonl.settings.json); other settings raise."""
   path = os.path.join(workdir, "rm", f"comparisons_{split}.jsonl")
-  if os.path.exists(path):
-    with open(path) as f:
-      return [json.loads(line) for line in f]
   r = config.rm
   stream, blank_fraction = SPLITS[split]
   blank_fraction = float(r.blank_fraction) if blank_fraction is None else blank_fraction
+  settings = {"split": split, "seed": int(config.seed), "rm_seed": int(config.data.rm_seed),
+              "families": list(vision._families(config.sft.families)), "blank_fraction": blank_fraction,
+              **{k: r[k] for k in ("n_train", "n_eval", "k_min", "k_max", "temperature", "max_new_tokens",
+                                   "sample_batch_size")}}
+  if os.path.exists(path):   # the cache is only valid for the settings that made it
+    with open(path + ".settings.json") as f:
+      cached = json.load(f)
+    if cached != settings:
+      diff = sorted(k for k in settings if cached.get(k) != settings[k])
+      raise ValueError(f"{_WHERE}: {path} was labelled with other settings ({', '.join(f'{k}={cached.get(k)}' for k in diff)}; "
+                       f"now {', '.join(f'{k}={settings[k]}' for k in diff)}): use a new workdir, or delete it and "
+                       "the rm/ stage to relabel")
+    with open(path) as f:
+      return [json.loads(line) for line in f]
+  if not 0.0 <= blank_fraction <= 1.0 or not 2 <= int(r.k_min) <= int(r.k_max):
+    raise ValueError(f"{_WHERE}: need 0 <= rm.blank_fraction <= 1 and 2 <= rm.k_min <= rm.k_max, got "
+                     f"{blank_fraction}, {r.k_min}, {r.k_max}")
   n = int(r.n_train if stream == 0 else r.n_eval)
   samples = _samples(int(config.data.rm_seed) * 10 + stream, n, vision._families(config.sft.families))
   k_max = int(r.k_max)
@@ -102,10 +119,13 @@ def label(config, workdir: str, cfg: vlm.VLMConfig, tok, params: dict, split: st
   records = comparisons.label_comparisons([iw.prompt_record(s) for s in samples], per, None, scorer=iw.score)
   print(f"vision rm: labelled {split}: {len(records)} of {n} prompts; {records.stats.summary()} "
         f"{records.stats.extra}")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    for rec in records:
-      f.write(json.dumps(rec) + "\n")
+  if jax.process_index() == 0:   # written whole, then renamed: a crash leaves no half file
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    for name, text in ((path + ".settings.json", json.dumps(settings)),
+                       (path, "".join(json.dumps(rec) + "\n" for rec in records))):
+      with open(name + ".tmp", "w") as f:
+        f.write(text)
+      os.replace(name + ".tmp", name)
   return list(records)
 
 
@@ -145,11 +165,19 @@ def rm_scores(rm_params, frozen: dict, cfg: vlm.VLMConfig, tok, samples, respons
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
+def check_seeds(config) -> None:
+  """The sample streams (SFT train / eval, RM prompts, PPO prompts) must not share a seed."""
+  seeds = {k: int(config.data[k]) for k in ("train_seed", "eval_seed", "rm_seed", "ppo_seed")}
+  if len(set(seeds.values())) < len(seeds):
+    raise ValueError(f"{_WHERE}: config.data {seeds}: every sample stream needs its own seed")
+
+
 def train_rm(config, workdir: str, cfg: vlm.VLMConfig, tok, params: dict):
   """Labels, trains and centres the RM on image prompts; returns (RM params with the demonstration
   offset folded into the bias, host numpy; summary dict)."""
   t0 = time.perf_counter()
   r = config.rm
+  check_seeds(config)
   train_recs = label(config, workdir, cfg, tok, params, "train")
   eval_recs = label(config, workdir, cfg, tok, params, "eval")
   on_policy = label(config, workdir, cfg, tok, params, "eval_on_policy")
@@ -234,9 +262,12 @@ def train_ppo(config, workdir: str, cfg: vlm.VLMConfig, tok, params: dict, rm_pa
   keys = ("score", "kl", "approx_kl", "clip_frac", "explained_variance", "response_length")
   logged = {h["step"]: h for h in loop.read_metrics(stage_dir) if "ppo/score" in h}   # a replayed step: last wins
   trace = [{"step": s, **{k: logged[s][f"ppo/{k}"] for k in keys}} for s in sorted(logged)]
-  summary = {"iterations": int(config.ppo.loop.num_steps), "episodes": int(config.ppo.loop.num_steps)
-             * int(config.ppo.batch_size), "final": {k: last.get(k) for k in ("score", "kl", "approx_kl", "clip_frac",
-                                                                           "explained_variance") if k in last},
+  final_keys = ("score", "kl", "approx_kl", "clip_frac", "explained_variance")
+  final = {k: last[k] for k in final_keys if k in last}
+  if not final and trace:   # a finished stage re-run trains nothing: its last logged iteration
+    final = {k: trace[-1][k] for k in final_keys}
+  summary = {"iterations": int(config.ppo.loop.num_steps),
+             "episodes": int(config.ppo.loop.num_steps) * int(config.ppo.batch_size), "final": final,
              "trace": trace, "seconds": round(time.perf_counter() - t0, 1)}
   return {**params, "gpt": policy}, summary
 
