@@ -86,6 +86,9 @@ def label(config, workdir: str, cfg: vlm.VLMConfig, tok, params: dict, split: st
               **{k: r[k] for k in ("n_train", "n_eval", "k_min", "k_max", "temperature", "max_new_tokens",
                                    "sample_batch_size")}}
   if os.path.exists(path):   # the cache is only valid for the settings that made it
+    if not os.path.exists(path + ".settings.json"):
+      raise ValueError(f"{_WHERE}: {path} has no {os.path.basename(path)}.settings.json (labelled before settings "
+                       "were recorded): use a new workdir, or delete it and the rm/ stage to relabel")
     with open(path + ".settings.json") as f:
       cached = json.load(f)
     if cached != settings:
@@ -210,11 +213,18 @@ def train_rm(config, workdir: str, cfg: vlm.VLMConfig, tok, params: dict):
              "on_policy_comparisons": len(on_policy), "on_policy_pairs": int(pairs),
              "on_policy_pair_accuracy": hits / pairs if pairs else None,
              "blank_fraction": float(r.blank_fraction),
-             "train_loss": last.get("loss"), "steps": int(r.loop.num_steps), "reward_offset": offset,
+             "train_loss": last.get("loss", _last_logged(stage_dir, "rm/loss")), "steps": int(r.loop.num_steps),
+             "reward_offset": offset,
              "demo_score_std": float(np.std(demo_scores)), "seconds": round(time.perf_counter() - t0, 1)}
   summary["length_baseline_eval"] = _length_baseline(eval_recs)
   summary["length_baseline_on_policy"] = _length_baseline(on_policy)
   return heads.shift_bias(rm, offset), summary
+
+
+def _last_logged(stage_dir: str, key: str):
+  """The last logged value of `key` in a stage's metrics (a finished stage re-run logs no new step)."""
+  rows = [h for h in loop.read_metrics(stage_dir) if key in h]
+  return rows[-1][key] if rows else None
 
 
 def _length_baseline(records) -> float:
