@@ -223,7 +223,7 @@ def _prefill(params, cfg: GPTConfig, prompt_tokens, prompt_mask, rng, temperatur
   n = max_new_tokens
   prompt_mask = prompt_mask.astype(jnp.int32)
   if prefix_embeds is not None:
-    prompt_mask = jnp.concatenate([jnp.ones((b, prefix_embeds.shape[1]), jnp.int32), prompt_mask], axis=1)
+    prompt_mask = gpt.prefix_mask(prompt_mask, prefix_embeds.shape[1])
   params = gpt.decode_params(params, cfg)
   cache = gpt.unstack_cache(gpt.init_cache(cfg, b, prompt_mask.shape[1] + n - 1))   # one buffer per layer
   cache_mask = jnp.concatenate([prompt_mask, jnp.zeros((b, n - 1), jnp.int32)], axis=1)

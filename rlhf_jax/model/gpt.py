@@ -265,11 +265,18 @@ def hidden_states(params: Params, config, tokens, attention_mask=None, dropout_r
   is [prefix | tokens], and the P prefix positions are dropped from the output."""
   if prefix_embeds is None:
     return forward(params, config, tokens, attention_mask, dropout_rng=dropout_rng)[0]
-  b, p = tokens.shape[0], prefix_embeds.shape[1]
+  p = prefix_embeds.shape[1]
   if attention_mask is None:
     attention_mask = jnp.ones(tokens.shape, jnp.int32)
-  full = jnp.concatenate([jnp.ones((b, p), jnp.int32), attention_mask.astype(jnp.int32)], axis=1)
+  full = prefix_mask(attention_mask, p)
   return forward(params, config, tokens, full, dropout_rng=dropout_rng, prefix_embeds=prefix_embeds)[0][:, p:]
+
+
+def prefix_mask(attention_mask, num_prefix: int):
+  """[B,T] token mask -> int32 [B,P+T] mask of [prefix | tokens]: the P prefix positions (image
+  tokens) are always real."""
+  b = attention_mask.shape[0]
+  return jnp.concatenate([jnp.ones((b, num_prefix), jnp.int32), attention_mask.astype(jnp.int32)], axis=1)
 
 
 def unembedding_table(params: Params, config):

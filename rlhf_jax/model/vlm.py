@@ -83,9 +83,7 @@ def image_tokens(params: Params, config: VLMConfig, images):
 
 def full_mask(config: VLMConfig, text_mask):
   """text_mask [B,T] (left-padded, 1 = real) -> int32 [B,P+T] mask of [image | text]."""
-  b = text_mask.shape[0]
-  return jnp.concatenate([jnp.ones((b, config.num_image_tokens), jnp.int32),
-                          text_mask.astype(jnp.int32)], axis=1)
+  return gpt.prefix_mask(text_mask, config.num_image_tokens)
 
 
 def _check_text(config: VLMConfig, images, tokens, mask, fn: str) -> None:

@@ -44,7 +44,7 @@ import jax
 import ml_collections as mlc
 import numpy as np
 
-from rlhf_jax.data import chat_format
+from rlhf_jax.data import batching, chat_format
 from rlhf_jax.data import image_world as iw
 from rlhf_jax.data import pipeline
 from rlhf_jax.data import tokenizer as tok_lib
@@ -82,10 +82,10 @@ def vision_tower(config):
   return vit._as_config(config.vit.to_dict()), None
 
 
-def model_config(config, tok) -> vlm.VLMConfig:
+def model_config(config, tok, vit_config=None) -> vlm.VLMConfig:
   """VLMConfig from the `vit` (or `vit_from`) and `gpt` sections; the decoder's window = image
-  tokens + max_len."""
-  vcfg = vision_tower(config)[0]
+  tokens + max_len. vit_config: the encoder's config when the caller already has it (`vision_tower`)."""
+  vcfg = vit_config or vision_tower(config)[0]
   g = config.gpt.to_dict()
   derived = sorted({"vocab_size", "max_len"} & set(g))
   if derived:
@@ -207,37 +207,45 @@ def load_vision_stage(workdir: str):
 
 
 # ------------------------------------------------------------------ evaluation
+def _prompt_row(tok, s: dict, max_prompt_len: int) -> dict:
+  """A sample's generation row: its image and its chat prompt left-padded to max_prompt_len; a prompt
+  that does not fit is an error (a cut prompt would lose its <image> marker or the question's start)."""
+  messages = iw.demonstration(s)["messages"]
+  n_ids = len(chat_format.encode_prompt(tok, messages))
+  if n_ids > max_prompt_len:
+    raise ValueError(f"{_WHERE}: a {s['task']['family']} prompt has {n_ids} tokens, more than the "
+                     f"{max_prompt_len} left by max_len - eval.max_new_tokens + 1; raise config.max_len")
+  tokens, mask = pipeline.encode_prompt_left_padded(tok, messages, max_prompt_len)
+  return {"images": iw.stack_images([s["image"]])[0], "tokens": tokens, "mask": mask}
+
+
 def answers(params, cfg: vlm.VLMConfig, tok, samples: Sequence[dict], *, blank: bool, batch_size: int,
             max_prompt_len: int, max_new_tokens: int, temperature: float | None = None, rng=None) -> list[str]:
   """Answers (text up to the first stop token) to samples' prompts, reading each sample's image, or
   an all-zero image when blank: greedy (temperature None), else sampled at `temperature` with
-  fold_in(rng, batch index). Fixed shapes (the last batch padded): one compile.
+  fold_in(rng, batch index). Fixed shapes (the last batch padded): one compile. A sample listed
+  several times (K answers each) is encoded once.
   Raises ValueError when a prompt does not fit max_prompt_len (it would be cut)."""
-  out = []
   greedy = temperature is None
-  for i in range(0, len(samples), batch_size):
-    chunk = list(samples[i:i + batch_size])
-    n = len(chunk)
-    chunk += [chunk[-1]] * (batch_size - n)
-    for s in chunk:   # a cut prompt would lose its <image> marker or the start of the question
-      n_ids = len(chat_format.encode_prompt(tok, iw.demonstration(s)["messages"]))
-      if n_ids > max_prompt_len:
-        raise ValueError(f"{_WHERE}: a {s['task']['family']} prompt has {n_ids} tokens, more than the "
-                         f"{max_prompt_len} left by max_len - eval.max_new_tokens + 1; raise config.max_len")
-    enc = [pipeline.encode_prompt_left_padded(tok, iw.demonstration(s)["messages"], max_prompt_len) for s in chunk]
-    tokens = np.stack([t for t, _ in enc])
-    mask = np.stack([m for _, m in enc])
-    images = iw.stack_images([s["image"] for s in chunk])
-    if blank:
-      images = np.zeros_like(images)
-    key = jax.random.PRNGKey(0) if greedy else jax.random.fold_in(rng, i // batch_size)
-    gen = vlm.generate(params, cfg, images, tokens, mask, key, max_new_tokens=max_new_tokens, eos_id=tok.eos_id,
-                       pad_id=tok.pad_id, greedy=greedy, temperature=1.0 if greedy else float(temperature))
-    for row in np.asarray(gen["tokens"])[:n]:
-      ids = [int(t) for t in row]
-      cut = next((j for j, t in enumerate(ids) if t in tok.stop_ids), len(ids))
-      out.append(tok.decode(ids[:cut]))
-  return out
+  rows = {}
+  for s in samples:
+    if id(s) not in rows:
+      rows[id(s)] = _prompt_row(tok, s, max_prompt_len)
+  padded = batching.pad_to_batches([rows[id(s)] for s in samples], batch_size)
+  out = []
+  for i, b in enumerate(padded.batches):
+    images = np.zeros_like(b["images"]) if blank else b["images"]
+    key = jax.random.PRNGKey(0) if greedy else jax.random.fold_in(rng, i)
+    gen = vlm.generate(params, cfg, images, b["tokens"], b["mask"], key, max_new_tokens=max_new_tokens,
+                       eos_id=tok.eos_id, pad_id=tok.pad_id, greedy=greedy,
+                       temperature=1.0 if greedy else float(temperature))
+    out.append(np.asarray(gen["tokens"]))
+  texts = []
+  for row in (padded.unpad(out) if out else []):
+    ids = [int(t) for t in row]
+    cut = next((j for j, t in enumerate(ids) if t in tok.stop_ids), len(ids))
+    texts.append(tok.decode(ids[:cut]))
+  return texts
 
 
 def eval_samples(config) -> list[dict]:
@@ -330,14 +338,15 @@ def run(config, workdir: str, hooks: dict | None = None) -> dict:
   if int(config.data.train_seed) == int(config.data.eval_seed):
     raise ValueError(f"{_WHERE}: config.data.eval_seed must differ from data.train_seed "
                      f"({config.data.train_seed}): the held-out samples need their own stream")
-  if bool(config.get("rlhf", False)):
-    from rlhf_jax.recipes import vision_rlhf
+  do_rlhf = bool(config.get("rlhf", False))
+  from rlhf_jax.recipes import vision_rlhf   # it imports this module
+  if do_rlhf:
     vision_rlhf.check_seeds(config)   # before any training
   os.makedirs(workdir, exist_ok=True)
   tok = tokenizer(config)
-  cfg = model_config(config, tok)
+  vcfg, tower = vision_tower(config)   # read once (an HF tower is loaded from disk)
+  cfg = model_config(config, tok, vcfg)
   params = jax.device_get(vlm.init(cfg, jax.random.PRNGKey(int(config.seed))))
-  tower = vision_tower(config)[1]
   if tower is not None:   # a pretrained encoder (SigLIP) instead of the random ViT
     params["vit"] = tower
   summaries = {}
@@ -349,8 +358,7 @@ def run(config, workdir: str, hooks: dict | None = None) -> dict:
   ev = evaluate(params, cfg, tok, config)
   eval_seconds = round(time.perf_counter() - t_eval, 1)
   rlhf = None
-  if bool(config.get("rlhf", False)):
-    from rlhf_jax.recipes import vision_rlhf
+  if do_rlhf:
     rm_params, summaries["rm"] = vision_rlhf.train_rm(config, workdir, cfg, tok, params)
     print(f"rm: { {k: v for k, v in summaries['rm'].items() if not isinstance(v, dict)} }")
     ppo_params, summaries["ppo"] = vision_rlhf.train_ppo(config, workdir, cfg, tok, params, rm_params,
@@ -362,17 +370,14 @@ def run(config, workdir: str, hooks: dict | None = None) -> dict:
             "num_params": {k: vit.num_params(v) for k, v in params.items()},
             "eval_seconds": eval_seconds,
             "total_seconds": round(time.perf_counter() - t0, 1)}
+  md = table(ev)
+  if rlhf is not None:
+    md += "\nRLHF on image prompts (gold score per family; PPO vs SFT):\n\n" + vision_rlhf.table(rlhf)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(result, f, indent=2)
     result["plots"] = write_plots(result, workdir)
     with open(os.path.join(workdir, "results.md"), "w") as f:
-      f.write(table(ev))
-      if rlhf is not None:
-        from rlhf_jax.recipes import vision_rlhf
-        f.write("\nRLHF on image prompts (gold score per family; PPO vs SFT):\n\n" + vision_rlhf.table(rlhf))
-  print(table(ev))
-  if rlhf is not None:
-    from rlhf_jax.recipes import vision_rlhf
-    print(vision_rlhf.table(rlhf))
+      f.write(md)
+  print(md)
   return result

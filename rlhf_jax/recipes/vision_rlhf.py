@@ -39,14 +39,13 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from rlhf_jax.data import chat_format, comparisons, image_world as iw, pipeline
+from rlhf_jax.data import batching, chat_format, comparisons, image_world as iw, pipeline
 from rlhf_jax.eval import bootstrap
 from rlhf_jax.model import heads, vlm
 from rlhf_jax.recipes import vision
 from rlhf_jax.train import loop, rl, rm_data, rollout, steps, supervised
 
 _WHERE = "rlhf_jax/recipes/vision_rlhf.py"
-STAGES = ("rm", "ppo")
 
 
 def vision_params(params: dict) -> dict:
@@ -136,36 +135,33 @@ def label(config, workdir: str, cfg: vlm.VLMConfig, tok, params: dict, split: st
 _REWARD_JIT = {}
 
 
+def _rm_row(tok, s: dict, text: str, max_len: int) -> dict:
+  """One RM row: the sample's image and its prompt + response + end of turn, right-padded to max_len."""
+  prompt = chat_format.encode_prompt(tok, iw.demonstration(s)["messages"])
+  resp = tok.chat.response_ids(text)
+  ids = prompt + resp if len(prompt) + len(resp) <= max_len else prompt + resp[:max_len - len(prompt) - 1] + resp[-1:]
+  if len(ids) > max_len:
+    raise ValueError(f"{_WHERE}: a {s['task']['family']} prompt has {len(prompt)} tokens; the RM rows hold "
+                     f"{max_len} (config.max_len)")
+  tokens = np.full(max_len, tok.pad_id, np.int32)
+  mask = np.zeros(max_len, np.int32)
+  tokens[:len(ids)], mask[:len(ids)] = ids, 1
+  return {"images": iw.stack_images([s["image"]])[0], "tokens": tokens, "mask": mask}
+
+
 def rm_scores(rm_params, frozen: dict, cfg: vlm.VLMConfig, tok, samples, responses, batch_size: int = 64):
   """RM rewards float32 [N] of each sample's prompt + response + end of turn (read there), with the
   sample's image as the prefix; rows right-padded, a response that does not fit is cut before its
-  end-of-turn token (an empty response is the end-of-turn token alone)."""
-  key = cfg
-  if key not in _REWARD_JIT:
+  end-of-turn token (an empty response is the end-of-turn token alone). Fixed batch shapes."""
+  if cfg not in _REWARD_JIT:
     def fn(p, v, images, tokens, mask):
       return heads.rewards(p, cfg.gpt, tokens, mask, prefix_embeds=vlm.image_tokens(v, cfg, images))
-    _REWARD_JIT[key] = jax.jit(fn)
-  fn = _REWARD_JIT[key]
+    _REWARD_JIT[cfg] = jax.jit(fn)
+  fn = _REWARD_JIT[cfg]
   max_len = cfg.gpt.max_len - cfg.num_image_tokens
-  out = []
-  for i in range(0, len(samples), batch_size):
-    chunk = list(zip(samples[i:i + batch_size], responses[i:i + batch_size]))
-    n = len(chunk)
-    chunk += [chunk[-1]] * (batch_size - n)
-    tokens = np.full((batch_size, max_len), tok.pad_id, np.int32)
-    mask = np.zeros((batch_size, max_len), np.int32)
-    for j, (s, text) in enumerate(chunk):
-      prompt = chat_format.encode_prompt(tok, iw.demonstration(s)["messages"])
-      resp = tok.chat.response_ids(text)
-      ids = prompt + resp if len(prompt) + len(resp) <= max_len else prompt + resp[:max_len - len(prompt) - 1] + resp[-1:]
-      if len(ids) > max_len:
-        raise ValueError(f"{_WHERE}: a {s['task']['family']} prompt has {len(prompt)} tokens; the RM rows hold "
-                         f"{max_len} (config.max_len)")
-      tokens[j, :len(ids)], mask[j, :len(ids)] = ids, 1
-    images = iw.stack_images([s["image"] for s, _ in chunk])
-    r = fn(rm_params, frozen, images, tokens, mask)
-    out.append(np.asarray(r)[:n])
-  return np.concatenate(out) if out else np.zeros((0,), np.float32)
+  padded = batching.pad_to_batches([_rm_row(tok, s, r, max_len) for s, r in zip(samples, responses)], batch_size)
+  out = [fn(rm_params, frozen, b["images"], b["tokens"], b["mask"]) for b in padded.batches]
+  return padded.unpad(out) if out else np.zeros((0,), np.float32)
 
 
 def check_seeds(config) -> None:
@@ -180,7 +176,6 @@ def train_rm(config, workdir: str, cfg: vlm.VLMConfig, tok, params: dict):
   offset folded into the bias, host numpy; summary dict)."""
   t0 = time.perf_counter()
   r = config.rm
-  check_seeds(config)
   train_recs = label(config, workdir, cfg, tok, params, "train")
   eval_recs = label(config, workdir, cfg, tok, params, "eval")
   on_policy = label(config, workdir, cfg, tok, params, "eval_on_policy")
@@ -228,10 +223,9 @@ def _last_logged(stage_dir: str, key: str):
 
 
 def _length_baseline(records) -> float:
-  """Pair accuracy of 'the shorter answer is better' on the comparisons (a sanity floor for the RM)."""
-  pairs = [(len(rec["responses"][i]) < len(rec["responses"][j])) == (rec["ranks"][i] < rec["ranks"][j])
-           for rec in records for i in range(len(rec["ranks"])) for j in range(i + 1, len(rec["ranks"]))
-           if rec["ranks"][i] != rec["ranks"][j] and len(rec["responses"][i]) != len(rec["responses"][j])]
+  """Pair accuracy of 'the shorter answer is better' on the strictly ordered pairs of unequal length
+  (a sanity floor for the RM; `rm_data.length_baseline` is the text world's 'longer is better')."""
+  pairs = [len(w) < len(l) for _, w, l in rm_data.ordered_pairs(records) if len(w) != len(l)]
   return float(np.mean(pairs)) if pairs else float("nan")
 
 
