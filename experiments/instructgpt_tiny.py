@@ -80,7 +80,7 @@ def get_config():
   c.stages.ppo_ptx.ppo.ptx_coef = 1.0
   c.beta_sweep = mlc.ConfigDict(dict(betas=(0.0, 0.02, 0.2), num_steps=30))
   c.eval = mlc.ConfigDict(dict(n_prompts=500, prompt_seed=7, temperature=0.7, max_new_tokens=24, best_of_n=4,
-                               max_prompt_len=64))
+                               max_prompt_len=32))
   return c
 
 

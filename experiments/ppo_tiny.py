@@ -21,4 +21,5 @@ def get_config():
   c.init_from, c.rm_from = "runs/sft", "runs/rm"
   c.data.train = "synthetic"
   c.ptx_seq_len = 0            # the pretraining workdir's own sequence length
+  c.max_prompt_len = 32        # the world's prompts are <= 27 tokens (64 would be half left padding)
   return c

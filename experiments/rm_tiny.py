@@ -19,4 +19,7 @@ def get_config():
   c = _RM.get_config()
   c.init_from = "runs/sft"
   c.data.train = "synthetic"
+  # Sized to the world: prompts are <= 27 tokens and samples <= label.max_new_tokens (24) + EOS, so
+  # rows fit in 56 (the 64 / 96 defaults are mostly padding: the RM step cost scales with them).
+  c.max_prompt_len, c.max_len = 32, 56
   return c

@@ -17,4 +17,7 @@ def get_config():
   c = _SFT.get_config()
   c.init_from = "runs/pretrain"
   c.data.train = "synthetic"
+  # Sized to the world: its longest demonstration (a rambling one) is 66 tokens with the system
+  # prompt and EOS, so 96 would be a third padding (the pipeline reports any truncation).
+  c.max_len = 72
   return c

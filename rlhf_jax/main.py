@@ -24,6 +24,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file defin
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 _SWEEP = flags.DEFINE_bool("sweep", False, "Run the experiment's get_sweep() points one after another.")
 _SWEEP_INDEX = flags.DEFINE_integer("sweep_index", -1, "Run only this sweep point (e.g. one per cluster job).")
+_XLA_CACHE = flags.DEFINE_string(
+    "xla_cache", "", "XLA's persistent compilation cache directory: '' = <workdir>/xla_cache (unless "
+    "JAX_COMPILATION_CACHE_DIR is set), 'none' = off.")
 
 
 def sweep_name(overrides: dict) -> str:
@@ -58,6 +61,18 @@ class _QuietLibraries(logging.Filter):
     return record.levelno >= logging.WARNING or "orbax" not in record.pathname
 
 
+def _compilation_cache(flag: str, workdir: str) -> None:
+  """Turns on XLA's persistent compilation cache. A pipeline's stages build fresh jitted functions of
+  the same programs (the KL-sweep runs compile PPO's iteration again), and a re-run or resume compiles
+  everything again; the cache keys on the program, so those compiles become file reads, with the
+  same executables (results do not change)."""
+  if flag == "none" or (not flag and os.environ.get("JAX_COMPILATION_CACHE_DIR")):
+    return
+  import jax
+  jax.config.update("jax_compilation_cache_dir", flag or os.path.join(workdir, "xla_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def main(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
@@ -65,6 +80,7 @@ def main(argv):
     handler.addFilter(_QuietLibraries())
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
+  _compilation_cache(_XLA_CACHE.value, _WORKDIR.value)
   from rlhf_jax import parallel
   parallel.initialize_distributed()
   path = config_flags.get_config_filename(flags.FLAGS["config"])

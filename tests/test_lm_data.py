@@ -1,5 +1,6 @@
-"""rlhf_jax/data/lm_data.py: the one get-or-train tokenizer (`tokenizer_for`)."""
+"""rlhf_jax/data/lm_data.py: the one get-or-train tokenizer (`tokenizer_for`) and the memoised corpus."""
 import ml_collections as mlc
+import numpy as np
 import pytest
 
 from rlhf_jax.data import lm_data, synthetic
@@ -40,3 +41,19 @@ def test_tokenizer_dir_and_special_tokens(tmp_path):
 def test_no_vocab_size_to_train_with_is_an_error(tmp_path):
   with pytest.raises(ValueError, match="vocab_size"):
     lm_data.tokenizer_for(str(tmp_path), DOCS, None)
+
+
+def test_prepared_data_is_memoised_until_the_corpus_or_tokenizer_changes(tmp_path):
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text("\n\n".join(f"document {i} says {'ab ' * (i % 7)}hello" for i in range(60)))
+  data = mlc.ConfigDict(dict(source="text", path=str(corpus), val_fraction=0.2, vocab_size=300, seq_len=16))
+  first = lm_data.prepare_lm_data(data, 16, str(tmp_path / "run"))
+  again = lm_data.prepare_lm_data(data, 16, str(tmp_path / "run"))
+  assert again is first                                   # served from the memo
+  with pytest.raises(ValueError):                         # shared arrays are read-only
+    first[1][0, 0] = 1
+  assert lm_data.prepare_lm_data(data, 8, str(tmp_path / "run")) is not first   # another row length
+  corpus.write_text(corpus.read_text() + "\n\nand one more document at the end")
+  changed = lm_data.prepare_lm_data(data, 16, str(tmp_path / "run"))
+  assert changed is not first and changed[1].shape[0] >= first[1].shape[0]
+  np.testing.assert_array_equal(changed[1][:1], first[1][:1])   # same tokenizer (reloaded), same rows

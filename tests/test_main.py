@@ -82,3 +82,22 @@ def test_pretrain_smoke_run_learns_and_resumes(tmp_path):
   assert "resumed from step 30" in again.stderr
   history2 = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert len([h for h in history2 if "pretrain/loss" in h]) == 3
+
+
+def test_compilation_cache_defaults_to_the_workdir_and_yields_to_the_environment(tmp_path, monkeypatch):
+  import jax
+  before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+  try:
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    main_lib._compilation_cache("", str(tmp_path))
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla_cache")
+    main_lib._compilation_cache(str(tmp_path / "mine"), str(tmp_path))
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "mine")
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    main_lib._compilation_cache("none", str(tmp_path))             # off: nothing changes
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env"))
+    main_lib._compilation_cache("", str(tmp_path))                 # the user's own cache wins
+    assert jax.config.jax_compilation_cache_dir == before[0]
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])

@@ -33,6 +33,14 @@ def label_config() -> mlc.ConfigDict:
                              pretrained_fraction=0.5))
 
 
+def _samples_needed(lc, has_second: bool) -> tuple[int, int]:
+  """Samples per prompt to draw from (first, second) policy: the most any K in [k_min, k_max] takes
+  (a prompt with K answers takes round(K * pretrained_fraction) from the second), not k_max from each."""
+  ks = range(int(lc.k_min), int(lc.k_max) + 1)
+  n_pre = {k: int(round(k * lc.pretrained_fraction)) if has_second else 0 for k in ks}
+  return max(k - n_pre[k] for k in ks), max(n_pre.values())
+
+
 def label_synthetic(config, workdir: str, cfg, tok, policies, split: str) -> list[dict]:
   """Samples K responses per prompt from the policies and gold-ranks them; cached as JSONL.
 
@@ -46,11 +54,12 @@ def label_synthetic(config, workdir: str, cfg, tok, policies, split: str) -> lis
   lc = config.label
   n = lc.n_train_prompts if split == "train" else lc.n_eval_prompts
   prompts = synthetic.prompts(n, seed=lc.prompt_seed, split=split)
+  need = _samples_needed(lc, has_second=policies[1] is not None)
   per_model = [generation.sample_responses(
       params, cfg, tok, [p["messages"] for p in prompts],
-      jax.random.PRNGKey(config.seed * 2 + i + 2 * (split == "eval")), n_per_prompt=lc.k_max,
+      jax.random.PRNGKey(config.seed * 2 + i + 2 * (split == "eval")), n_per_prompt=need[i],
       max_prompt_len=config.max_prompt_len, max_new_tokens=lc.max_new_tokens, temperature=lc.temperature,
-      batch_size=lc.batch_size) for i, params in enumerate(policies) if params is not None]
+      batch_size=lc.batch_size) for i, params in enumerate(policies) if params is not None and need[i] > 0]
   if len(per_model) == 1:
     per_model.append([[] for _ in prompts])
   rng = np.random.default_rng(config.seed + (split == "eval"))
