@@ -27,6 +27,10 @@ _SWEEP_INDEX = flags.DEFINE_integer("sweep_index", -1, "Run only this sweep poin
 _XLA_CACHE = flags.DEFINE_string(
     "xla_cache", "", "XLA's persistent compilation cache directory: '' = <workdir>/xla_cache (unless "
     "JAX_COMPILATION_CACHE_DIR is set), 'none' = off.")
+_STAGE_CACHE = flags.DEFINE_string(
+    "stage_cache", "", "Finished stages of multi-stage experiments reused across workdirs when their "
+    "config, inputs, code and numerics match (recipes/stage_cache.py): '' = <workdir>/../.stage_cache "
+    "(unless RLHF_JAX_STAGE_CACHE is set), 'none' = off.")
 
 
 def sweep_name(overrides: dict) -> str:
@@ -73,6 +77,13 @@ def _compilation_cache(flag: str, workdir: str) -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def _stage_cache(flag: str, workdir: str) -> None:
+  """Sets RLHF_JAX_STAGE_CACHE (read by chain.run_stage, inherited by subprocesses) from --stage_cache."""
+  if flag or not os.environ.get("RLHF_JAX_STAGE_CACHE"):
+    os.environ["RLHF_JAX_STAGE_CACHE"] = flag or os.path.join(os.path.dirname(os.path.abspath(workdir)),
+                                                              ".stage_cache")
+
+
 def main(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
@@ -81,6 +92,7 @@ def main(argv):
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
   _compilation_cache(_XLA_CACHE.value, _WORKDIR.value)
+  _stage_cache(_STAGE_CACHE.value, _WORKDIR.value)
   from rlhf_jax import parallel
   parallel.initialize_distributed()
   path = config_flags.get_config_filename(flags.FLAGS["config"])
