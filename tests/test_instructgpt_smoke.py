@@ -5,10 +5,9 @@ This asserts the pipelines' structure, not the paper's claims or the frontier's 
 full runs). Both smoke runs live in this module so that they share one run of the main job (a module
 fixture; `--dist loadfile` keeps a module on one worker): the frontier from nothing first runs the main
 job's pretrain/sft/rm smoke stages -- the very stage configs of the main job's smoke run (checked
-below) -- so its workdir starts with copies of those finished stages, which it must find and skip.
+below) -- so, in a workdir beside the main job's, it finds them in the stage cache and copies them.
 """
 import json
-import shutil
 
 import pytest
 
@@ -106,16 +105,22 @@ def test_frontier_base_stages_are_the_main_jobs_smoke_stages(tmp_path, monkeypat
 
 
 def test_frontier_smoke(main_run, tmp_path):
-  """The frontier's smoke preset: its base stages (found finished), then each of its methods, then a re-run."""
+  """The frontier's smoke preset: its base stages (copied from the stage cache that the main job's run beside it
+  filled), then each of its methods, then a re-run."""
   main_dir, main_out = main_run
   assert main_out.returncode == 0, main_out.stderr[-3000:]
-  (tmp_path / "results").mkdir()
-  for name in BASE:
-    shutil.copytree(main_dir / name, tmp_path / name)
-    shutil.copy(main_dir / "results" / f"{name}.json", tmp_path / "results")
+  assert main_dir.parent == tmp_path.parent     # one default stage cache: <workdir>/../.stage_cache
   out = _frontier(tmp_path)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-4000:]
-  assert not set(out.stdout.splitlines()) & {f"==> stage {name}" for name in BASE}   # found finished
+  lines = out.stdout.splitlines()
+  for name in BASE:   # not trained again: copied, byte for byte, from the main job's run
+    assert f"==> stage {name}" not in lines and any(l.startswith(f"==> stage {name}: reused") for l in lines), name
+    ours, theirs = json.load(open(tmp_path / "results" / f"{name}.json")), json.load(open(main_dir / "results" / f"{name}.json"))
+    assert ours["cache_key"] == theirs["cache_key"] and ours["reused"]["trained_seconds"] == theirs["seconds"]
+    for f in (main_dir / name / "checkpoints").rglob("*"):
+      if f.is_file() and f.name != "commit_success.txt":
+        assert (tmp_path / name / f.relative_to(main_dir / name)).read_bytes() == f.read_bytes(), f
+  assert json.load(open(tmp_path / "sft" / "stage.json"))["init_from"] == str(tmp_path / "pretrain")
   summary = json.load(open(tmp_path / "summary.json"))
   assert list(summary["methods"]) == list(METHODS)
   for name in METHODS:

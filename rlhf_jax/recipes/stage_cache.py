@@ -12,8 +12,9 @@ A stage's key hashes everything its outcome depends on:
   stage is keyed on the content of what it reads, not on where that lives;
 - each other file or directory the config names: path, size and modification time of every file;
 - the source of `rlhf_jax/` and `experiments/` (any code change is a miss);
-- the numerics: jax and jaxlib versions, backend, device kind and count, XLA_FLAGS, the CPU cores
-  this process may use (XLA:CPU's reductions split by thread count).
+- the numerics: the versions of jax, jaxlib, flax, optax, orbax, numpy, tokenizers, transformers, ...;
+  backend, device kind and count, x64 and matmul precision, XLA_FLAGS, the CPU cores this process may
+  use (XLA:CPU's reductions split by thread count).
 A stage reading a stage that has no key (run before the cache existed, or with it off) is not cached,
 nor is any stage of a multi-process run.
 
@@ -30,6 +31,7 @@ import os
 import platform
 import shutil
 import tempfile
+from importlib import metadata
 
 _WORKDIR = "{STAGE_CACHE_WORKDIR}"
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -56,11 +58,22 @@ def _code_fingerprint() -> str:
   return _CODE["sha"]
 
 
+_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "tokenizers", "transformers",
+             "safetensors", "ml-collections")
+
+
+def _version(package: str) -> str:
+  try:
+    return metadata.version(package)
+  except metadata.PackageNotFoundError:
+    return ""
+
+
 def _environment() -> dict:
   import jax
-  import jaxlib
   devices = jax.devices()
-  return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "backend": jax.default_backend(),
+  return {"packages": {p: _version(p) for p in _PACKAGES}, "backend": jax.default_backend(),
+          "x64": bool(jax.config.jax_enable_x64), "matmul_precision": str(jax.config.jax_default_matmul_precision),
           "devices": len(devices), "device_kind": devices[0].device_kind, "processes": jax.process_count(),
           "xla_flags": os.environ.get("XLA_FLAGS", ""), "cores": len(os.sched_getaffinity(0)),
           "machine": platform.machine()}
