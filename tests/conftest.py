@@ -8,7 +8,7 @@
   exports it through JAX_COMPILATION_CACHE_DIR to everything it starts: the xdist workers and the
   subprocesses of the CLI / smoke / multi-process tests. Nothing persists between sessions; set
   JAX_COMPILATION_CACHE_DIR yourself to keep a cache across runs.
-- The longest modules first (LONGEST_FIRST), so that two xdist workers finish together.
+- The longest modules first (LONGEST_FIRST), so that the xdist workers finish together.
 """
 import atexit
 import os
