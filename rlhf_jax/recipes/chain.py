@@ -17,7 +17,8 @@ from rlhf_jax.recipes import stage_cache
 
 def run_stage(name: str, experiment_file: str, stage_cfg, workdir: str, results: dict) -> dict:
   """Runs `experiment_file`'s train(stage_cfg, <workdir>/<name>) unless cached; stores
-  {"result", "seconds"} in results[name] and returns it."""
+  {"result", "seconds", "cache_key"} (plus "reused" when copied from the stage cache) in results[name]
+  and in <workdir>/results/<name>.json, and returns it."""
   path = os.path.join(workdir, "results", f"{name}.json")
   if os.path.exists(path):
     with open(path) as f:
@@ -37,7 +38,7 @@ def run_stage(name: str, experiment_file: str, stage_cfg, workdir: str, results:
     out = load_experiment(str(experiment_file)).train(stage_cfg, os.path.join(workdir, name))
     results[name] = {"result": out, "seconds": time.time() - t0, "cache_key": key}
     if key:
-      stage_cache.store(cache, key, name, workdir, {"result": out, "seconds": results[name]["seconds"]})
+      stage_cache.store(cache, key, name, workdir, results[name])
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
     json.dump(results[name], f, indent=2, default=float)
