@@ -32,11 +32,15 @@ PEAK_TFLOPS = {
 }
 
 
-def configure_threads(argv=None) -> int:
+def configure_process(argv=None) -> int:
   """Reads `--threads N` from the command line BEFORE jax/torch are imported and limits both
   sides to N cores: CPU affinity of the process (XLA sizes its thread pools from it), XLA's
   multi-threaded Eigen off for N = 1, OMP_NUM_THREADS for torch (`torch_ref.torch_setup` also
   calls torch.set_num_threads). 0 (default) = all cores, nothing changed. Returns N.
+
+  Also sets the process's host allocator (`rlhf_jax.host_malloc`, mode from RLHF_JAX_HOST_MALLOC,
+  default "reuse"), as `python -m rlhf_jax.main` does: one process holds both sides, so PyTorch's
+  CPU tensors get the same allocator as XLA's buffers. `machine_info()` records the mode.
 
   On a shared, oversubscribed machine one core per side is the fair setting: torch's OpenMP
   pool spin-waits when its threads are descheduled and slows down far more than XLA's.
@@ -60,17 +64,21 @@ def configure_threads(argv=None) -> int:
     if n == 1:
       os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
     os.environ["OMP_NUM_THREADS"] = str(n)
+  from rlhf_jax import host_malloc
+  global _HOST_MALLOC
+  _HOST_MALLOC = host_malloc.configure()
   _THREADS = n
   return n
 
 
 _THREADS: int | None = None
+_HOST_MALLOC: dict = {}
 
 
 def add_common_flags(p: argparse.ArgumentParser, repeats: int = 5, warmup: int = 1) -> None:
   p.add_argument("--threads", type=int, default=0,
                  help="CPU threads per side (XLA intra-op and torch); 0 = all cores. Read before "
-                      "jax is imported (see configure_threads)")
+                      "jax is imported (see configure_process)")
   p.add_argument("--repeats", type=int, default=repeats, help="timed calls per measurement (median taken)")
   p.add_argument("--warmup", type=int, default=warmup, help="untimed calls after the first (compiling) one")
   p.add_argument("--peak_tflops", type=float, default=None,
@@ -121,7 +129,7 @@ def machine_info() -> dict:
   return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
           "cpu": cpu, "cpu_count": os.cpu_count(), "jax": jax.__version__, "platform": d.platform,
           "device_kind": d.device_kind, "device_count": jax.device_count(),
-          "loadavg_1m_at_start": os.getloadavg()[0]}
+          "loadavg_1m_at_start": os.getloadavg()[0], "host_malloc": _HOST_MALLOC}
 
 
 def time_calls(fns: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, dict]:

@@ -14,7 +14,7 @@ import argparse
 
 from benchmarks import common
 
-common.configure_threads()   # before jax/torch are imported
+common.configure_process()   # before jax/torch are imported
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

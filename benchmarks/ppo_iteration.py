@@ -30,7 +30,7 @@ import time
 
 from benchmarks import common
 
-common.configure_threads()   # before jax/torch are imported
+common.configure_process()   # before jax/torch are imported
 
 TARGET = 2.0
 PAD, EOS = 0, 1

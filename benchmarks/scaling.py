@@ -20,7 +20,7 @@ import tempfile
 
 from benchmarks import common
 
-common.configure_threads()   # before jax is imported
+common.configure_process()   # before jax is imported
 
 MODELS = {  # name: preset overrides (all vocab 512, max_len 256, dropout 0)
     "nano": dict(n_layer=2, d_model=64, n_head=4),

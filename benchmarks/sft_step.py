@@ -13,7 +13,7 @@ import argparse
 
 from benchmarks import common
 
-common.configure_threads()   # before jax/torch are imported
+common.configure_process()   # before jax/torch are imported
 
 import jax  # noqa: E402
 import ml_collections as mlc  # noqa: E402

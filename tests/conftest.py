@@ -8,6 +8,8 @@
   exports it through JAX_COMPILATION_CACHE_DIR to everything it starts: the xdist workers and the
   subprocesses of the CLI / smoke / multi-process tests. Nothing persists between sessions; set
   JAX_COMPILATION_CACHE_DIR yourself to keep a cache across runs.
+- glibc malloc set to reuse XLA:CPU's per-execution buffers (`rlhf_jax.host_malloc`, as the CLI does),
+  before JAX starts; the CLI subprocesses set it themselves.
 - The longest modules first (LONGEST_FIRST), so that the xdist workers finish together.
 """
 import atexit
@@ -27,6 +29,10 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")   # tiny programs are the point
+
+from rlhf_jax import host_malloc  # noqa: E402
+
+host_malloc.configure()
 
 import pytest  # noqa: E402
 
