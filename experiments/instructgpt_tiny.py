@@ -46,7 +46,7 @@ def get_config():
   c.preset = "default"
   c.seed = 0
   c.stages = mlc.ConfigDict({name: _stage_config(name) for name in STAGE_FILES})
-  # The CPU budget (~12 minutes on 2 cores, all stages) sets the sizes. The small model (2 x 128,
+  # The CPU budget (~9.5 minutes on 2 cores, all stages) sets the sizes. The small model (2 x 128,
   # 0.48M params) needs ~900 steps at lr 3e-3 to learn the tasks at all (at 400 steps its SFT model
   # scored 0.19 gold, at 900 ~0.5); the pretrained-only large one (3 x 256, 2.5M params = 5.3x) gets
   # 250 steps of the same data.
