@@ -186,6 +186,9 @@ def main(argv=None):
     p.error(f"--batch {args.batch} must be divisible by --num_minibatches {args.num_minibatches}")
   if args.side == "trl":
     return run_trl(args)
+  if args.side == "both" and not os.path.exists(args.trl_python):
+    p.error(f"--trl_python {args.trl_python}: no such interpreter. TRL runs in its own venv (the commands are in "
+            f"benchmarks/RESULTS.md, 'Regenerating'); or pass --side ours")
 
   from rlhf_jax.model import gpt
   cfg = gpt.preset(args.preset, dropout=0.0)

@@ -10,11 +10,14 @@
   JAX_COMPILATION_CACHE_DIR yourself to keep a cache across runs.
 - glibc malloc set to reuse XLA:CPU's per-execution buffers (`rlhf_jax.host_malloc`, as the CLI does),
   before JAX starts; the CLI subprocesses set it themselves.
+- Bytecode written under a session-temporary prefix where PYTHONDONTWRITEBYTECODE would make every process
+  recompile every imported source (below).
 - The longest modules first (LONGEST_FIRST), so that the xdist workers finish together.
 """
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -29,6 +32,17 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")   # tiny programs are the point
+# Bytecode. Where PYTHONDONTWRITEBYTECODE is set over a venv installed with `pip install --no-compile` (the README's
+# install), no .pyc exists and none is written, so each of the session's Python processes (the xdist workers and
+# every CLI / smoke / multi-process subprocess) compiles the sources of jax, flax, transformers and the rest again:
+# ~2 s of CPU each. The session instead writes bytecode under its own temporary prefix (removed at exit; nothing is
+# written beside any source), so only the first process that imports a module compiles it.
+if os.environ.get("PYTHONDONTWRITEBYTECODE") and not os.environ.get("PYTHONPYCACHEPREFIX"):
+  _PYCACHE = tempfile.mkdtemp(prefix="rlhf_jax_tests_pycache_")
+  os.environ["PYTHONPYCACHEPREFIX"] = _PYCACHE
+  del os.environ["PYTHONDONTWRITEBYTECODE"]
+  sys.pycache_prefix, sys.dont_write_bytecode = _PYCACHE, False
+  atexit.register(shutil.rmtree, _PYCACHE, ignore_errors=True)
 
 from rlhf_jax import host_malloc  # noqa: E402
 
