@@ -86,3 +86,26 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         fh.write(b"garbage")
   with pytest.raises(ValueError, match=r"checkpoint .*checkpoints/5 is corrupt or unreadable"):
     _run(str(tmp_path), num_steps=6)
+
+
+TB_PROBE = """
+import glob, sys
+from rlhf_jax.train import loop
+w = loop.MetricWriter(sys.argv[1], tensorboard=True)
+w.write(3, {"loss": 1.5}, echo=False)
+w.tb.close()
+print(int("torch" in sys.modules), len(glob.glob(sys.argv[1] + "/tb/events.out.tfevents.*")))   # no None left behind
+"""
+
+
+def test_tensorboard_writer_leaves_torch_unloaded(tmp_path):
+  # tensorboardX would import torch (seconds per process) only to accept torch tensors.
+  pytest.importorskip("tensorboardX")
+  pytest.importorskip("torch")
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, "-c", TB_PROBE, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ["0", "1"]
+  assert [json.loads(line) for line in open(tmp_path / "metrics.jsonl")] == [{"step": 3, "loss": 1.5}]

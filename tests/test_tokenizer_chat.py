@@ -97,6 +97,46 @@ def test_save_load_roundtrip(tok, tmp_path):
     T.load(tmp_path / "missing")
 
 
+def test_saved_directories_load_without_transformers_exactly_as_through_it(tok, tmp_path):
+  # `load` reads what `save` wrote itself (_own_parts) and anything else through transformers
+  # (_hf_parts): on saved role-format, ChatML and GPT-2-layout tokenizers both readers agree.
+  import hf_fixtures  # tests/ is on sys.path
+  hf_fixtures.make_tokenizer(str(tmp_path / "chatml_hf"), hf_fixtures.CHATML)
+  assert T._own_parts(tmp_path / "chatml_hf") is None   # transformers' own layout: not ours to shortcut
+  chatml = T.load(tmp_path / "chatml_hf")
+  def gpt2_layout(name, backend):   # vocab.json + merges.txt + config.json
+    (tmp_path / name).mkdir()
+    backend.model.save(str(tmp_path / name))
+    (tmp_path / name / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    return T.load_hf(tmp_path / name)
+  gpt2 = tokenizers.Tokenizer(models.BPE())
+  gpt2.pre_tokenizer, gpt2.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+  gpt2.train_from_iterator(S.pretraining_corpus(300, seed=1), trainers.BpeTrainer(
+      vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      show_progress=False))
+  # Our vocabulary without its added-token records: its pad token is a plain vocabulary entry, which
+  # transformers would make special on loading, so the saved directory is left to transformers.
+  T.save(gpt2_layout("plain_hf", tok.backend), tmp_path / "plain")
+  assert T._own_parts(tmp_path / "plain") is None
+  for name, t in (("role", tok), ("chatml", chatml), ("gpt2", gpt2_layout("gpt2_hf", gpt2))):
+    T.save(t, tmp_path / name)
+    own, hf = T._own_parts(tmp_path / name), T._hf_parts(tmp_path / name)
+    assert own is not None, name
+    assert own[1:] == hf[1:], name   # special tokens, chat template
+    # The same backend, except that transformers gives one without a post-processor its no-op one.
+    spec = lambda b: {k: v for k, v in json.loads(b.to_str()).items() if k != "post_processor"}
+    assert spec(own[0]) == spec(hf[0]), name
+    text = "<|user|>add 3 and 5<|assistant|>8<|endoftext|> héllo <|im_start|>"
+    assert own[0].encode(text, add_special_tokens=True).ids == hf[0].encode(text, add_special_tokens=True).ids
+    back = T.load(tmp_path / name)
+    assert (back.vocab_size, back.pad_id, back.eos_id, back.stop_ids, back.chat_template) == (
+        t.vocab_size, t.pad_id, t.eos_id, t.stop_ids, t.chat_template), name
+    assert back.chat.encode_chat(CHAT) == t.chat.encode_chat(CHAT), name
+  config = json.loads((tmp_path / "role" / "tokenizer_config.json").read_text())
+  (tmp_path / "role" / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 512}))
+  assert T._own_parts(tmp_path / "role") is None          # any other key: transformers reads it
+
+
 def test_load_reads_the_old_save_layout(tok, tmp_path):
   # The old `save` wrote tokenizer.json alone.
   (tmp_path / "old").mkdir()

@@ -216,6 +216,40 @@ def load(directory: str | os.PathLike) -> Tokenizer:
   return load_hf(path)
 
 
+# The special-token keys of Hugging Face's special_tokens_map that `save` may write (single strings).
+_SPECIAL_KEYS = frozenset({"bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"})
+
+
+def _own_parts(path: Path) -> tuple[tokenizers.Tokenizer, dict[str, str], str] | None:
+  """`_hf_parts` without transformers, for a directory exactly as `save` writes it (a
+  PreTrainedTokenizerFast config holding only single special-token strings, a chat template and
+  clean_up_tokenization_spaces=False, every special token an added special token of tokenizer.json); None for anything
+  else. Every stage directory holds such a tokenizer, and importing transformers to read it costs a
+  process ~2 s. tests/test_tokenizer_chat.py checks both readers agree."""
+  config_file, tokenizer_file = path / _CONFIG_FILE, path / _TOKENIZER_FILE
+  if not (config_file.is_file() and tokenizer_file.is_file()):
+    return None
+  try:
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+  except (ValueError, UnicodeDecodeError):
+    return None   # transformers reports it
+  if not isinstance(config, dict) or config.get("tokenizer_class") != "PreTrainedTokenizerFast":
+    return None
+  template = config.get("chat_template")
+  specials = {k: v for k, v in config.items() if k in _SPECIAL_KEYS}
+  if (set(config) - _SPECIAL_KEYS != {"tokenizer_class", "chat_template", "clean_up_tokenization_spaces"}
+      or config["clean_up_tokenization_spaces"] is not False or not isinstance(template, str)
+      or not all(isinstance(v, str) for v in specials.values())):
+    return None
+  backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+  added_special = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
+  if not set(specials.values()) <= added_special:
+    return None   # transformers would register the missing ones as special tokens
+  backend.no_padding()
+  backend.no_truncation()
+  return backend, specials, template
+
+
 def _hf_parts(path: Path) -> tuple[tokenizers.Tokenizer, dict[str, str], str | None]:
   """(private copy of the backend, special_tokens_map, chat template or None) via transformers."""
   from transformers import AutoTokenizer  # heavy import, only needed here
@@ -278,7 +312,7 @@ def load_hf(directory: str | os.PathLike) -> Tokenizer:
   path = Path(directory)
   if not path.is_dir():
     raise ValueError(f"tokenizer.py: load_hf directory {directory} does not exist")
-  backend, special_tokens, template = _hf_parts(path)
+  backend, special_tokens, template = _own_parts(path) or _hf_parts(path)
   return wrap_backend(backend, special_tokens, template)
 
 

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -44,6 +45,27 @@ class LoopConfig:
     return cls(**d)
 
 
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, or None when tensorboardX is not installed (optional at runtime).
+
+  tensorboardX imports torch whenever torch is installed, only so that it can accept torch tensors
+  (~2 s and ~300 MB per process); this writer passes Python floats, so unless torch is already
+  loaded it is hidden from that one import (`sys.modules[name] = None` makes `import torch` raise
+  ImportError there) and a later `import torch` works as usual.
+  """
+  hide = "torch" not in sys.modules
+  if hide:
+    sys.modules["torch"] = None
+  try:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  except ImportError:
+    return None
+  finally:
+    if hide:
+      sys.modules.pop("torch", None)
+
+
 class MetricWriter:
   """stdout + JSONL + TensorBoard; only process 0 writes."""
 
@@ -54,11 +76,8 @@ class MetricWriter:
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
       if tensorboard:
-        try:
-          from tensorboardX import SummaryWriter
-          self.tb = SummaryWriter(os.path.join(workdir, "tb"))
-        except ImportError:  # optional dependency at runtime
-          self.tb = None
+        writer = _summary_writer_class()
+        self.tb = writer(os.path.join(workdir, "tb")) if writer else None
 
   def write(self, step: int, metrics: Metrics, echo: bool = True) -> None:
     if not self.enabled:
