@@ -40,7 +40,7 @@ def render(path: Path) -> str:
     parts += [table(d["rows"], cols), "", verdict(d.get("verdict"))]
     if "greedy_token_agreement" in d:
       parts.append(f"greedy decoding token agreement with transformers: {d['greedy_token_agreement']:.4f}")
-  for key in ("seq_sweep", "model_sweep", "device_sweep"):
+  for key in ("seq_sweep", "model_sweep", "device_sweep", "dot", "stream"):
     if key in d:
       parts += ["", f"{key}:", "", table(d[key], list(d[key][0]))]
   return "\n".join(parts) + "\n"

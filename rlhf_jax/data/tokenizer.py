@@ -223,9 +223,10 @@ _SPECIAL_KEYS = frozenset({"bos_token", "eos_token", "unk_token", "sep_token", "
 def _own_parts(path: Path) -> tuple[tokenizers.Tokenizer, dict[str, str], str] | None:
   """`_hf_parts` without transformers, for a directory exactly as `save` writes it (a
   PreTrainedTokenizerFast config holding only single special-token strings, a chat template and
-  clean_up_tokenization_spaces=False, every special token an added special token of tokenizer.json); None for anything
-  else. Every stage directory holds such a tokenizer, and importing transformers to read it costs a
-  process ~2 s. tests/test_tokenizer_chat.py checks both readers agree."""
+  clean_up_tokenization_spaces=False; every special token an added special token of
+  tokenizer.json), else None. Every stage directory holds such a tokenizer, and importing
+  transformers to read it costs a process ~2 s. tests/test_tokenizer_chat.py checks that both
+  readers agree."""
   config_file, tokenizer_file = path / _CONFIG_FILE, path / _TOKENIZER_FILE
   if not (config_file.is_file() and tokenizer_file.is_file()):
     return None

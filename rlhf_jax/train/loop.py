@@ -49,7 +49,7 @@ def _summary_writer_class():
   """tensorboardX's SummaryWriter, or None when tensorboardX is not installed (optional at runtime).
 
   tensorboardX imports torch whenever torch is installed, only so that it can accept torch tensors
-  (~2 s and ~300 MB per process); this writer passes Python floats, so unless torch is already
+  (~2 s and ~230 MB per process); this writer passes Python floats, so unless torch is already
   loaded it is hidden from that one import (`sys.modules[name] = None` makes `import torch` raise
   ImportError there) and a later `import torch` works as usual.
   """
