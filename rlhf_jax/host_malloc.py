@@ -50,7 +50,7 @@ def configure(mode: str = "") -> dict:
   """
   mode = mode or os.environ.get(ENV, "") or "reuse"
   if mode not in MODES:
-    raise ValueError(f"host malloc mode {mode!r} (--host_malloc or ${ENV}): expected one of {MODES}")
+    raise ValueError(f"host malloc mode {mode!r} (argument or ${ENV}): expected one of {MODES}")
   if mode == "system" or not glibc_version():
     return {"mode": mode, "applied": False}
   libc = ctypes.CDLL(None)

@@ -1,6 +1,8 @@
 """The shared loop: exact resume, checkpoint on Ctrl-C, clear errors for bad checkpoints."""
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import ml_collections as mlc
@@ -102,8 +104,6 @@ def test_tensorboard_writer_leaves_torch_unloaded(tmp_path):
   # tensorboardX would import torch (seconds per process) only to accept torch tensors.
   pytest.importorskip("tensorboardX")
   pytest.importorskip("torch")
-  import subprocess
-  import sys
   out = subprocess.run([sys.executable, "-c", TB_PROBE, str(tmp_path)], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
   assert out.returncode == 0, out.stderr[-2000:]

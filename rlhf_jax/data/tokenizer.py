@@ -183,6 +183,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[st
 # ------------------------------------------------------------------------------ saving and loading
 
 
+def _saved_config(special_tokens: Mapping[str, str], template: str) -> dict:
+  """tokenizer_config.json as `save` writes it (and `_own_parts` recognises it)."""
+  return {"tokenizer_class": "PreTrainedTokenizerFast", **special_tokens, "chat_template": template,
+          "clean_up_tokenization_spaces": False}
+
+
 def save(tok: Tokenizer, directory: str | os.PathLike) -> Path:
   """Write `tok` as a Hugging Face tokenizer directory; returns the path of its tokenizer.json.
 
@@ -195,8 +201,7 @@ def save(tok: Tokenizer, directory: str | os.PathLike) -> Path:
   out = path / _TOKENIZER_FILE
   tok.backend.save(str(out))
   template = tok.chat_template or ROLE_TEMPLATE
-  config = {"tokenizer_class": "PreTrainedTokenizerFast", **tok.special_tokens, "chat_template": template,
-            "clean_up_tokenization_spaces": False}
+  config = _saved_config(tok.special_tokens, template)
   (path / _CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
   (path / _TEMPLATE_FILE).write_text(template, encoding="utf-8")
   return out
@@ -234,13 +239,12 @@ def _own_parts(path: Path) -> tuple[tokenizers.Tokenizer, dict[str, str], str] |
     config = json.loads(config_file.read_text(encoding="utf-8"))
   except (ValueError, UnicodeDecodeError):
     return None   # transformers reports it
-  if not isinstance(config, dict) or config.get("tokenizer_class") != "PreTrainedTokenizerFast":
+  if not isinstance(config, dict):
     return None
   template = config.get("chat_template")
   specials = {k: v for k, v in config.items() if k in _SPECIAL_KEYS}
-  if (set(config) - _SPECIAL_KEYS != {"tokenizer_class", "chat_template", "clean_up_tokenization_spaces"}
-      or config["clean_up_tokenization_spaces"] is not False or not isinstance(template, str)
-      or not all(isinstance(v, str) for v in specials.values())):
+  if (config != _saved_config(specials, template) or config["clean_up_tokenization_spaces"] is not False
+      or not isinstance(template, str) or not all(isinstance(v, str) for v in specials.values())):
     return None
   backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
   added_special = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
