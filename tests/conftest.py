@@ -1,6 +1,10 @@
 """Test setup, all of it for speed on a 2-core CPU, where XLA compilation of tiny programs is most of the time:
 
-- 8 simulated CPU devices (set before jax initialises its backend), and FAST_COMPILE below in XLA_FLAGS.
+- Simulated CPU devices only where a test needs a mesh (set before jax initialises its backend), and
+  FAST_COMPILE below in XLA_FLAGS. A jitted program on an 8-device mesh costs ~1.5-2x its 1-device version here
+  (8 partitions to compile and run on 2 cores), so under xdist one worker (MESH_WORKER) has 8 devices and runs
+  the modules that build meshes (MESH_MODULES) besides its share of the rest; the other workers have 1 device
+  and never get those modules (the scheduler below). Without xdist the one process has 8 devices.
 - One XLA compilation cache for the session. Many programs are compiled again and again (every stage
   run, resume test and smoke subprocess builds fresh jitted functions of the same HLO); JAX's persistent
   compilation cache keys on the program itself, so a session-wide cache directory turns those recompiles
@@ -25,7 +29,12 @@ from pathlib import Path
 # fusion code generator instead of the MLIR fusion emitters; here compilation, not execution, is the
 # time (the arithmetic, IEEE float32, is the same either way).
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
-os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
+# The modules whose tests build multi-device meshes (up to 2 x 2 x 2), and the xdist worker that runs them.
+MESH_MODULES = ("test_parallel.py", "test_loop.py", "test_ppo_train.py", "test_vision.py")
+MESH_WORKER, MESH_DEVICES = "gw0", 8
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")   # set by xdist before it loads this file; None without xdist
+_DEVICES = MESH_DEVICES if _WORKER in (None, MESH_WORKER) else 1
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={_DEVICES} {FAST_COMPILE}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
   _CACHE = tempfile.mkdtemp(prefix="rlhf_jax_tests_xla_cache_")
@@ -78,3 +87,28 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
   rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: a module's tests stay in order
+
+
+def pytest_xdist_make_scheduler(config, log):
+  """`--dist loadfile`, except that MESH_MODULES go only to MESH_WORKER (the one worker with 8 devices), which
+  takes them before anything else; the 1-device workers stop once only those are left."""
+  if config.getvalue("dist") != "loadfile":
+    return None
+  from xdist.scheduler import LoadFileScheduling
+
+  def needs_mesh(scope: str) -> bool:
+    return Path(scope.split("::")[0]).name in MESH_MODULES
+
+  class MeshWorkerScheduling(LoadFileScheduling):
+    def _assign_work_unit(self, node):
+      is_mesh_worker = node.gateway.id == MESH_WORKER
+      fits = [s for s in self.workqueue if needs_mesh(s) == is_mesh_worker]
+      if not fits and not is_mesh_worker:
+        if any(n.gateway.id == MESH_WORKER and not n.shutting_down for n in self.nodes):
+          node.shutdown()        # what is left needs the mesh worker's devices
+          return
+        fits = list(self.workqueue)   # no mesh worker (it died): a mesh test fails naming the devices it needs
+      self.workqueue.move_to_end((fits or list(self.workqueue))[0], last=False)
+      super()._assign_work_unit(node)
+
+  return MeshWorkerScheduling(config, log)
