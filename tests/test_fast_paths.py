@@ -119,8 +119,8 @@ def test_model_gradient_matches_plain_reference(family):
     return lm_loss(_reference_logits(p, cfg, batch["tokens"], batch["attention_mask"]), batch["targets"],
                    batch["mask"])[0]
   fast_loss = lambda p: steps.lm_loss_fn(cfg)(p, batch, None)[0]
-  lf, gf = jax.value_and_grad(fast_loss)(params)
-  lr, gr = jax.value_and_grad(ref_loss)(params)
+  lf, gf = jax.jit(jax.value_and_grad(fast_loss))(params)
+  lr, gr = jax.jit(jax.value_and_grad(ref_loss))(params)
   np.testing.assert_allclose(lf, lr, atol=1e-5)
   _close(gf, gr)
 
@@ -131,7 +131,7 @@ def test_layer_loop_and_remat_variants_give_the_same_gradient(variant):
   batch = _batch(LLAMA, 1)
   base = dataclasses.replace(LLAMA, scan_layers=True, remat="none")
   cfg = dataclasses.replace(base, **variant)
-  grad = lambda c: jax.value_and_grad(lambda p: steps.lm_loss_fn(c)(p, batch, None)[0])(LPARAMS)
+  grad = lambda c: jax.jit(jax.value_and_grad(lambda p: steps.lm_loss_fn(c)(p, batch, None)[0]))(LPARAMS)
   _close(grad(cfg), grad(base))
 
 
@@ -149,8 +149,8 @@ def test_auto_defaults_resolve_per_backend():
 def test_chunked_cross_entropy_matches_full_logits(family):
   cfg, params = (CFG, PARAMS) if family == "gpt2" else (LLAMA, LPARAMS)
   batch = _batch(cfg, 2)
-  full = jax.value_and_grad(lambda p: steps.lm_loss_fn(cfg, chunk_size=0)(p, batch, None)[0])(params)
-  chunked = jax.value_and_grad(lambda p: steps.lm_loss_fn(cfg, chunk_size=5)(p, batch, None)[0])(params)
+  full = jax.jit(jax.value_and_grad(lambda p: steps.lm_loss_fn(cfg, chunk_size=0)(p, batch, None)[0]))(params)
+  chunked = jax.jit(jax.value_and_grad(lambda p: steps.lm_loss_fn(cfg, chunk_size=5)(p, batch, None)[0]))(params)
   _close(full, chunked)
 
 
@@ -180,7 +180,8 @@ def test_per_layer_cache_equals_stacked_cache_and_uncached(family):
   cfg, params = (CFG, PARAMS) if family == "gpt2" else (LLAMA, LPARAMS)
   batch = _batch(cfg, 3)
   toks, attn = batch["tokens"], batch["attention_mask"]
-  full = gpt.logits(params, cfg, toks, attn)
+  full = jax.jit(gpt.logits, static_argnums=1)(params, cfg, toks, attn)
+  step = jax.jit(gpt.forward, static_argnums=1)   # one program per (prefill, one-token) shape, not per primitive
   s = T + 2
   pos = gpt.positions_from_mask(attn)
   cache_mask = jnp.concatenate([attn, jnp.zeros((B, 2), jnp.int32)], 1)
@@ -189,10 +190,10 @@ def test_per_layer_cache_equals_stacked_cache_and_uncached(family):
                            "per_layer": (gpt.decode_params(params, cfg),
                                          gpt.unstack_cache(gpt.init_cache(cfg, B, s)))}.items():
     # Prefill 8 tokens, then feed the remaining 4 one at a time.
-    h, cache = gpt.forward(p, cfg, toks[:, :8], cache_mask, pos[:, :8], cache, 0)
+    h, cache = step(p, cfg, toks[:, :8], cache_mask, pos[:, :8], cache, 0)
     hs = [h]
     for i in range(8, T):
-      h, cache = gpt.forward(p, cfg, toks[:, i:i + 1], cache_mask, pos[:, i:i + 1], cache, i)
+      h, cache = step(p, cfg, toks[:, i:i + 1], cache_mask, pos[:, i:i + 1], cache, i)
       hs.append(h)
     outs[name] = (gpt.unembed(params, cfg, jnp.concatenate(hs, 1)), gpt.stack_cache(cache))
   real = np.asarray(attn) > 0

@@ -67,7 +67,7 @@ def test_sharded_gradients_match_single_device(shape):
   loss_fn = lm_loss_fn(CFG)
   params = gpt.init(CFG, jax.random.PRNGKey(0))
   batch = _batch()
-  ref = jax.grad(lambda p: loss_fn(p, batch, None)[0])(params)
+  ref = jax.jit(jax.grad(lambda p: loss_fn(p, batch, None)[0]))(params)
   mesh = parallel.make_mesh(shape, jax.devices()[:8])
   shardings = parallel.tree_shardings(params, gpt.param_axes(CFG), mesh)
   sharded = jax.device_put(params, shardings)
@@ -187,7 +187,7 @@ def test_kv_heads_shard_on_tensor_only_when_divisible(n_kv_head, kv_spec):
   assert state["params"]["blocks"]["mlp"]["gate_kernel"].sharding.spec == P(None, "fsdp", "tensor")
   # The sharded forward equals the single-device one.
   tokens = jnp.asarray(_batch()["tokens"])
-  ref = gpt.logits(jax.device_get(state["params"]), cfg, tokens)
+  ref = jax.jit(gpt.logits, static_argnums=1)(jax.device_get(state["params"]), cfg, tokens)
   with parallel.sharding_context(mesh):
     out = jax.jit(gpt.logits, static_argnums=(1,))(state["params"], cfg, parallel.put_batch(tokens, mesh))
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5)
