@@ -21,7 +21,7 @@ from main_fixtures import xla_flags  # tests/ is on sys.path
 REPO = Path(__file__).resolve().parents[1]
 TOK = tok_lib.train_bpe(synthetic.pretraining_corpus(300, seed=2), 300)
 CFG = gpt.preset("nano", vocab_size=TOK.vocab_size, max_len=64, dropout=0.0, init_std=0.3)
-PARAMS = gpt.init(CFG, jax.random.PRNGKey(0))
+PARAMS = jax.jit(gpt.init, static_argnums=0)(CFG, jax.random.PRNGKey(0))
 
 
 def _workdir(path: Path, stage: str, state: dict) -> Path:

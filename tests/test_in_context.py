@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 TOK = tok_lib.train_bpe(synthetic.pretraining_corpus(400, seed=1), 300)
 # Large init_std: peaked next-token distributions, so argmax ties cannot flip between code paths.
 CFG = gpt.preset("nano", vocab_size=TOK.vocab_size, max_len=160, dropout=0.0, init_std=0.3)
-PARAMS = gpt.init(CFG, jax.random.PRNGKey(0))
+PARAMS = jax.jit(gpt.init, static_argnums=0)(CFG, jax.random.PRNGKey(0))
 EXAMPLES = ic.make_examples(5, 4, seed=3)
 
 

@@ -23,7 +23,7 @@ from rlhf_jax.train import group_rl, loop, rl
 V, N, TP, B, K = 32, 8, 4, 8, 4
 PAD, EOS, X = 0, 1, 5
 CFG = gpt.preset("nano", dropout=0.0, vocab_size=V, max_len=32)
-POLICY = gpt.init(CFG, jax.random.PRNGKey(0))
+POLICY = jax.jit(gpt.init, static_argnums=0)(CFG, jax.random.PRNGKey(0))
 
 
 # ----------------------------------------------------------------------------- group advantages

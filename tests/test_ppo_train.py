@@ -25,7 +25,7 @@ V, N, TP = 32, 8, 4
 PAD, EOS, X = 0, 1, 5
 B, BP, TPTX = 16, 8, 12
 CFG = gpt.preset("nano", dropout=0.0, vocab_size=V, max_len=32)
-POLICY = gpt.init(CFG, jax.random.PRNGKey(0))
+POLICY = jax.jit(gpt.init, static_argnums=0)(CFG, jax.random.PRNGKey(0))
 AXES = {"policy": gpt.param_axes(CFG), "value": heads.param_axes(CFG), "ref": gpt.param_axes(CFG),
         "score": {"w": ()}}
 OPTIM = mlc.ConfigDict(dict(lr=3e-3, total_steps=1000, warmup_steps=0, schedule="constant", weight_decay=0.0,
