@@ -4,7 +4,8 @@
   FAST_COMPILE below in XLA_FLAGS. A jitted program on an 8-device mesh costs ~1.5-2x its 1-device version here
   (8 partitions to compile and run on 2 cores), so under xdist one worker (MESH_WORKER) has 8 devices and runs
   the modules that build meshes (MESH_MODULES) besides its share of the rest; the other workers have 1 device
-  and never get those modules (the scheduler below). Without xdist the one process has 8 devices.
+  and never get those modules (the scheduler below). Without xdist, or under another --dist mode, every
+  process has 8 devices.
 - One XLA compilation cache for the session. Many programs are compiled again and again (every stage
   run, resume test and smoke subprocess builds fresh jitted functions of the same HLO); JAX's persistent
   compilation cache keys on the program itself, so a session-wide cache directory turns those recompiles
@@ -33,8 +34,7 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters
 MESH_MODULES = ("test_parallel.py", "test_loop.py", "test_ppo_train.py", "test_vision.py")
 MESH_WORKER, MESH_DEVICES = "gw0", 8
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER")   # set by xdist before it loads this file; None without xdist
-_DEVICES = MESH_DEVICES if _WORKER in (None, MESH_WORKER) else 1
-os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={_DEVICES} {FAST_COMPILE}")
+_MESH_SCHEDULER = "RLHF_JAX_TESTS_MESH_SCHEDULER"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
   _CACHE = tempfile.mkdtemp(prefix="rlhf_jax_tests_xla_cache_")
@@ -82,6 +82,16 @@ LONGEST_FIRST = ("test_instructgpt_smoke.py", "test_multiprocess.py", "test_visi
 def pytest_configure(config):
   if hasattr(config.option, "loadscopereorder"):
     config.option.loadscopereorder = False
+  # This process's device count, before any test module is imported (and so before JAX starts its backend): 1 for
+  # the workers that the scheduler below keeps away from MESH_MODULES (`--dist loadfile`), else MESH_DEVICES. The
+  # xdist controller runs no test: it leaves XLA_FLAGS as the user set it and tells its workers (which inherit its
+  # environment; their own config says dist "no") whether its scheduler is the one below.
+  if _WORKER is None and getattr(config.option, "numprocesses", None):
+    os.environ[_MESH_SCHEDULER] = str(int(config.getvalue("dist") == "loadfile"))
+    return
+  one_device = _WORKER not in (None, MESH_WORKER) and os.environ.get(_MESH_SCHEDULER) == "1"
+  os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={1 if one_device else MESH_DEVICES} "
+                                     f"{FAST_COMPILE}")
 
 
 def pytest_collection_modifyitems(config, items):
