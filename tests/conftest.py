@@ -110,6 +110,12 @@ def pytest_xdist_make_scheduler(config, log):
     return Path(scope.split("::")[0]).name in MESH_MODULES
 
   class MeshWorkerScheduling(LoadFileScheduling):
+    def schedule(self):
+      # With fewer modules than workers xdist stops the last-added workers: keep the mesh worker first, so never it.
+      if self.collection is None:
+        self.assigned_work = dict(sorted(self.assigned_work.items(), key=lambda kv: kv[0].gateway.id != MESH_WORKER))
+      super().schedule()
+
     def _assign_work_unit(self, node):
       is_mesh_worker = node.gateway.id == MESH_WORKER
       fits = [s for s in self.workqueue if needs_mesh(s) == is_mesh_worker]
