@@ -117,14 +117,16 @@ def pytest_xdist_make_scheduler(config, log):
       super().schedule()
 
     def _assign_work_unit(self, node):
-      is_mesh_worker = node.gateway.id == MESH_WORKER
-      fits = [s for s in self.workqueue if needs_mesh(s) == is_mesh_worker]
-      if not fits and not is_mesh_worker:
-        if any(n.gateway.id == MESH_WORKER and not n.shutting_down for n in self.nodes):
-          node.shutdown()        # what is left needs the mesh worker's devices
-          return
-        fits = list(self.workqueue)   # no mesh worker (it died): a mesh test fails naming the devices it needs
-      self.workqueue.move_to_end((fits or list(self.workqueue))[0], last=False)
+      if node.gateway.id == MESH_WORKER:   # mesh modules first, then anything
+        fits = [s for s in self.workqueue if needs_mesh(s)] or list(self.workqueue)
+      else:
+        fits = [s for s in self.workqueue if not needs_mesh(s)]
+        if not fits:
+          if any(n.gateway.id == MESH_WORKER and not n.shutting_down for n in self.nodes):
+            node.shutdown()        # what is left needs the mesh worker's devices
+            return
+          fits = list(self.workqueue)   # no mesh worker (it died): a mesh test fails naming the devices it needs
+      self.workqueue.move_to_end(fits[0], last=False)
       super()._assign_work_unit(node)
 
   return MeshWorkerScheduling(config, log)

@@ -23,8 +23,9 @@ from rlhf_jax.train import steps
 CFG = gpt.preset("nano", dropout=0.0, vocab_size=96, max_len=32)
 LLAMA = dataclasses.replace(CFG, family="llama", position="rope", norm="rmsnorm", mlp="swiglu", bias=False,
                             qkv_bias=False, n_kv_head=2, tie_embeddings=False)
-PARAMS = jax.jit(gpt.init, static_argnums=0)(CFG, jax.random.PRNGKey(0))
-LPARAMS = jax.jit(gpt.init, static_argnums=0)(LLAMA, jax.random.PRNGKey(1))
+_init = jax.jit(gpt.init, static_argnums=0)   # one program, not one per initialiser op
+PARAMS = _init(CFG, jax.random.PRNGKey(0))
+LPARAMS = _init(LLAMA, jax.random.PRNGKey(1))
 B, T = 3, 12
 
 

@@ -17,6 +17,7 @@ from rlhf_jax.model.hf import load, save
 from rlhf_jax.model.hf_config import config_from_hf  # noqa: E402
 
 TOL = 1e-4
+_logits = jax.jit(gpt.logits, static_argnums=(1,))   # one program per shape, not one per primitive
 HF_KW = dict(n_embd=96, n_layer=3, n_head=4, n_positions=64, vocab_size=211, layer_norm_epsilon=3e-5,
              n_inner=200, resid_pdrop=0.05, embd_pdrop=0.05, attn_pdrop=0.05, initializer_range=0.03,
              bos_token_id=0, eos_token_id=0)
@@ -115,7 +116,7 @@ def test_logits_match_transformers(hf, loaded):
   cfg, params = loaded
   tokens = _tokens(3, 64)  # full context: every position row is used
   ref = _hf_logits(model, tokens)
-  ours = np.asarray(jax.jit(gpt.logits, static_argnums=1)(params, cfg, tokens))
+  ours = np.asarray(_logits(params, cfg, tokens))
   diff = np.abs(ours - ref).max()
   print(f"max |logit diff| = {diff:.3g} (logit scale {np.abs(ref).max():.3g})")
   assert np.abs(ref).std() > 0.5  # logits are far from zero, so the tolerance is meaningful
@@ -131,7 +132,7 @@ def test_left_padding_matches_transformers(hf, loaded):
     mask[row, :pad] = 0
     tokens[row, :pad] = 0
   ref = _hf_logits(model, tokens, mask)
-  ours = np.asarray(jax.jit(gpt.logits, static_argnums=1)(params, cfg, tokens, attention_mask=mask))
+  ours = np.asarray(_logits(params, cfg, tokens, attention_mask=mask))
   real = mask.astype(bool)
   diff = np.abs(ours[real] - ref[real]).max()
   print(f"left padding: max |logit diff| on real tokens = {diff:.3g}")
@@ -224,7 +225,7 @@ def test_export_of_native_params_matches_our_logits(tmp_path):
   assert hf_cfg["n_inner"] == 4 * 48 and hf_cfg["eos_token_id"] is None
   back = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
   tokens = np.random.default_rng(5).integers(0, 97, (2, 32)).astype(np.int32)
-  diff = np.abs(_hf_logits(back, tokens) - np.asarray(jax.jit(gpt.logits, static_argnums=1)(params, cfg, tokens))).max()
+  diff = np.abs(_hf_logits(back, tokens) - np.asarray(_logits(params, cfg, tokens))).max()
   assert diff < TOL
 
 

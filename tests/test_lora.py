@@ -22,7 +22,8 @@ EXP = Path(__file__).resolve().parents[1] / "experiments"
 # Every kernel kind: q / kv (GQA) / out, swiglu's fc + gate, proj.
 CFG = gpt.preset("nano", vocab_size=64, max_len=32, mlp="swiglu", n_kv_head=2, position="rope", norm="rmsnorm",
                  bias=False)
-PARAMS = jax.jit(gpt.init, static_argnums=0)(CFG, jax.random.PRNGKey(0))
+_init = jax.jit(gpt.init, static_argnums=0)   # one program, not one per initialiser op
+PARAMS = _init(CFG, jax.random.PRNGKey(0))
 LOGITS = jax.jit(gpt.logits, static_argnums=1)   # one compile for every logits call below
 
 
@@ -133,7 +134,7 @@ def test_config_switch_and_clear_errors():
 
 ROWS = np.random.default_rng(0).integers(0, 64, (40, 17)).astype(np.int32)
 TINY = gpt.preset("nano", vocab_size=64, max_len=32, n_layer=1, d_model=32, n_head=2, head_dim=16, dropout=0.1)
-TINY_PARAMS = jax.jit(gpt.init, static_argnums=0)(TINY, jax.random.PRNGKey(3))
+TINY_PARAMS = _init(TINY, jax.random.PRNGKey(3))
 
 
 def _losses(workdir):

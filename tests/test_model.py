@@ -10,16 +10,16 @@ from rlhf_jax.model.config import GPTConfig, preset
 CFG = preset("nano", dropout=0.0, vocab_size=97)
 # Every Llama-family option at once: RoPE (llama3 scaling), RMSNorm, SwiGLU, GQA, q/k/v biases,
 # Qwen3's q/k norms, an explicit head_dim != d_model / n_head and an untied unembedding.
-# The model jitted once per config (as every caller in the library runs it): eager op-by-op dispatch of a whole
-# forward compiles each primitive on its own, seconds per test on CPU.
-logits = jax.jit(gpt.logits, static_argnums=1)
 LLAMA = GPTConfig(vocab_size=97, max_len=32, n_layer=2, n_head=4, n_kv_head=2, d_model=64, head_dim=12, d_ff=80,
                   dropout=0.0, family="qwen3", position="rope", norm="rmsnorm", mlp="swiglu", qkv_bias=True,
                   bias=False, qk_norm=True, tie_embeddings=False, rope_theta=1e4, rope_scaling="llama3",
                   rope_factor=4.0, rope_original_max_len=8)
 
 
+# The model jitted once per config (as every caller in the library runs it): eager op-by-op dispatch of a whole
+# forward compiles each primitive on its own, seconds per test on CPU.
 _forward = jax.jit(gpt.forward, static_argnums=(1,))
+_logits = jax.jit(gpt.logits, static_argnums=(1,))
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +45,11 @@ def test_gpt1_and_gpt3_presets():
 
 def test_left_padding_gives_the_same_logits(params):
   tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 9), 0, CFG.vocab_size)
-  ref = logits(params, CFG, tokens)
+  ref = _logits(params, CFG, tokens)
   for pad in (1, 4):
     padded = jnp.concatenate([jnp.zeros((3, pad), jnp.int32), tokens], axis=1)
     mask = jnp.concatenate([jnp.zeros((3, pad), jnp.int32), jnp.ones((3, 9), jnp.int32)], axis=1)
-    out = logits(params, CFG, padded, mask)
+    out = _logits(params, CFG, padded, mask)
     np.testing.assert_allclose(out[:, pad:], ref, atol=1e-5)
     assert np.isfinite(np.asarray(out)).all()  # fully masked pad rows give no NaN
 
@@ -58,7 +58,7 @@ def test_right_padding_does_not_change_real_positions(params):
   tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 8), 0, CFG.vocab_size)
   mask = jnp.array([[1] * 8, [1] * 5 + [0] * 3])
   junk = tokens.at[1, 5:].set(3)
-  a, b = logits(params, CFG, tokens, mask), logits(params, CFG, junk, mask)
+  a, b = _logits(params, CFG, tokens, mask), _logits(params, CFG, junk, mask)
   np.testing.assert_allclose(a[1, :5], b[1, :5], atol=1e-6)
 
 
@@ -90,10 +90,10 @@ def test_config_stays_hashable_and_json_round_trips():
 def test_llama_options_left_padding_invariance():
   p = gpt.init(LLAMA, jax.random.PRNGKey(0))
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, 97)
-  ref = logits(p, LLAMA, tokens)
+  ref = _logits(p, LLAMA, tokens)
   padded = jnp.concatenate([jnp.zeros((2, 3), jnp.int32), tokens], axis=1)
   mask = jnp.concatenate([jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 9), jnp.int32)], axis=1)
-  np.testing.assert_allclose(logits(p, LLAMA, padded, mask)[:, 3:], ref, atol=1e-5)
+  np.testing.assert_allclose(_logits(p, LLAMA, padded, mask)[:, 3:], ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", [dict(), dict(pre_ln=False), dict(scan_layers=False), dict(remat="full"),
@@ -106,7 +106,7 @@ def test_kv_cache_incremental_decoding_matches_full_forward(variant):
     cfg = preset("nano", dropout=0.0, vocab_size=97, **variant)
   p = gpt.init(cfg, jax.random.PRNGKey(0))
   tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 12), 0, cfg.vocab_size)
-  full = logits(p, cfg, tokens)
+  full = _logits(p, cfg, tokens)
   cache = gpt.init_cache(cfg, 2, 16)
   slots = jnp.zeros((2, 16), jnp.int32)
   # prefill 5 tokens, then one token at a time
@@ -131,19 +131,19 @@ def test_dropout_is_stochastic_only_with_an_rng():
   cfg = preset("nano", dropout=0.5, vocab_size=97)
   p = gpt.init(cfg, jax.random.PRNGKey(0))
   tokens = jnp.ones((1, 6), jnp.int32)
-  det1, det2 = logits(p, cfg, tokens), logits(p, cfg, tokens)
+  det1, det2 = _logits(p, cfg, tokens), _logits(p, cfg, tokens)
   np.testing.assert_array_equal(det1, det2)
-  s1 = logits(p, cfg, tokens, dropout_rng=jax.random.PRNGKey(1))
-  s2 = logits(p, cfg, tokens, dropout_rng=jax.random.PRNGKey(2))
+  s1 = _logits(p, cfg, tokens, dropout_rng=jax.random.PRNGKey(1))
+  s2 = _logits(p, cfg, tokens, dropout_rng=jax.random.PRNGKey(2))
   assert not np.allclose(s1, s2)
 
 
 def test_bfloat16_compute_is_close_to_float32(params):
   cfg16 = preset("nano", dropout=0.0, vocab_size=97, dtype="bfloat16")
   tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 10), 0, 97)
-  out16 = logits(params, cfg16, tokens)
+  out16 = _logits(params, cfg16, tokens)
   assert out16.dtype == jnp.float32
-  np.testing.assert_allclose(out16, logits(params, CFG, tokens), atol=0.1)
+  np.testing.assert_allclose(out16, _logits(params, CFG, tokens), atol=0.1)
 
 
 def test_custom_layer_norm_gradient_matches_autodiff():
@@ -177,12 +177,12 @@ def test_llama_options_train_with_dropout_and_bfloat16():
   cfg = GPTConfig(**{**LLAMA.__dict__, "dropout": 0.1})
   p = gpt.init(cfg, jax.random.PRNGKey(0))
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 8), 0, 97)
-  loss = lambda p: jnp.mean(logits(p, cfg, tokens, dropout_rng=jax.random.PRNGKey(2)) ** 2)
+  loss = lambda p: jnp.mean(_logits(p, cfg, tokens, dropout_rng=jax.random.PRNGKey(2)) ** 2)
   grads = jax.jit(jax.grad(loss))(p)
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
   assert float(jnp.abs(grads["blocks"]["attn"]["q_norm"]["scale"]).max()) > 0
   cfg16 = GPTConfig(**{**LLAMA.__dict__, "dtype": "bfloat16"})
-  np.testing.assert_allclose(logits(p, cfg16, tokens), logits(p, LLAMA, tokens), atol=0.1)
+  np.testing.assert_allclose(_logits(p, cfg16, tokens), _logits(p, LLAMA, tokens), atol=0.1)
 
 
 def test_upgrade_legacy_fused_qkv_params(params):

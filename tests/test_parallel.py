@@ -187,7 +187,8 @@ def test_kv_heads_shard_on_tensor_only_when_divisible(n_kv_head, kv_spec):
   assert state["params"]["blocks"]["mlp"]["gate_kernel"].sharding.spec == P(None, "fsdp", "tensor")
   # The sharded forward equals the single-device one.
   tokens = jnp.asarray(_batch()["tokens"])
-  ref = jax.jit(gpt.logits, static_argnums=1)(jax.device_get(state["params"]), cfg, tokens)
+  logits = jax.jit(gpt.logits, static_argnums=(1,))
+  ref = logits(jax.device_get(state["params"]), cfg, tokens)
   with parallel.sharding_context(mesh):
-    out = jax.jit(gpt.logits, static_argnums=(1,))(state["params"], cfg, parallel.put_batch(tokens, mesh))
+    out = logits(state["params"], cfg, parallel.put_batch(tokens, mesh))
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5)

@@ -13,8 +13,9 @@ from rlhf_jax.train import rollout as rollout_lib
 V, N, TP, B = 32, 10, 6, 16
 EOS, PAD, X = 1, 0, 7
 CFG = gpt.preset("nano", dropout=0.0, vocab_size=V, max_len=32)
-POLICY = jax.jit(gpt.init, static_argnums=0)(CFG, jax.random.PRNGKey(0))
-OTHER = jax.jit(gpt.init, static_argnums=0)(CFG, jax.random.PRNGKey(5))           # a reference that differs from the policy
+_init = jax.jit(gpt.init, static_argnums=0)   # one program, not one per initialiser op
+POLICY = _init(CFG, jax.random.PRNGKey(0))
+OTHER = _init(CFG, jax.random.PRNGKey(5))           # a reference that differs from the policy
 VALUE = heads.init(CFG, jax.random.PRNGKey(1))         # random head, so values are not all 0
 TEMP = 0.8
 BETA = 0.3

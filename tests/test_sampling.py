@@ -13,7 +13,8 @@ from rlhf_jax.model import gpt
 # Large init_std gives peaked next-token distributions, so argmax ties cannot flip
 # between the cached and uncached float paths.
 CFG = gpt.preset("nano", dropout=0.0, vocab_size=64, max_len=32, init_std=0.3)
-PARAMS = jax.jit(gpt.init, static_argnums=0)(CFG, jax.random.PRNGKey(0))
+_init = jax.jit(gpt.init, static_argnums=0)   # one program, not one per initialiser op
+PARAMS = _init(CFG, jax.random.PRNGKey(0))
 N = 8
 PAD = 0
 PROMPT_LENS = (6, 3, 1, 5)
@@ -214,7 +215,7 @@ def test_bad_inputs_raise():
 
 # ----------------------------------------------------------------- beam search
 SMALL = gpt.GPTConfig(vocab_size=6, max_len=16, n_layer=1, n_head=2, d_model=16, dropout=0.0, init_std=0.5)
-SMALL_PARAMS = jax.jit(gpt.init, static_argnums=0)(SMALL, jax.random.PRNGKey(2))
+SMALL_PARAMS = _init(SMALL, jax.random.PRNGKey(2))
 
 
 def _exhaustive_best(params, cfg, toks, mask, n, eos_id, alpha):
