@@ -17,11 +17,15 @@ from rlhf_jax.model import gpt, heads
 from rlhf_jax.train import checkpoint, stages
 
 from main_fixtures import xla_flags  # tests/ is on sys.path
+from model_fixtures import init_params  # tests/ is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 TOK = tok_lib.train_bpe(synthetic.pretraining_corpus(300, seed=2), 300)
 CFG = gpt.preset("nano", vocab_size=TOK.vocab_size, max_len=64, dropout=0.0, init_std=0.3)
-PARAMS = jax.jit(gpt.init, static_argnums=0)(CFG, jax.random.PRNGKey(0))
+
+
+def _params():
+  return init_params(CFG, 0)
 
 
 def _workdir(path: Path, stage: str, state: dict) -> Path:
@@ -82,10 +86,10 @@ def test_stream_delta_holds_back_partial_utf8():
 def test_stream_reply_equals_generate_and_streams_every_piece():
   prompt = chat_format.encode_prompt(TOK, [_user("sort: b a")])
   written = []
-  reply = chat.stream_reply(PARAMS, CFG, TOK, prompt, jax.random.PRNGKey(0), prompt_len=41, max_new_tokens=24,
+  reply = chat.stream_reply(_params(), CFG, TOK, prompt, jax.random.PRNGKey(0), prompt_len=41, max_new_tokens=24,
                             temperature=1.0, spec=sampling.SamplingSpec(greedy=True), write=written.append)
   assert "".join(written) == reply
-  ref = sampling.generate(PARAMS, CFG, np.asarray([prompt], np.int32), np.ones((1, len(prompt)), np.int32),
+  ref = sampling.generate(_params(), CFG, np.asarray([prompt], np.int32), np.ones((1, len(prompt)), np.int32),
                           jax.random.PRNGKey(0), max_new_tokens=24, eos_id=TOK.eos_id, pad_id=TOK.pad_id, greedy=True)
   toks = [int(t) for t in ref["tokens"][0]]
   cut = next((i for i, t in enumerate(toks) if t in TOK.special_ids), len(toks))
@@ -95,7 +99,7 @@ def test_stream_reply_equals_generate_and_streams_every_piece():
 def test_chat_loop_history_reset_and_truncation():
   out = io.StringIO()
   lines = ["sort: b a\n", "copy: a b\n", "\n", "add 1 and 2\n"]
-  history = chat.chat_loop(PARAMS, CFG, TOK, lines, out.write, system="Be brief.", temperature=0,
+  history = chat.chat_loop(_params(), CFG, TOK, lines, out.write, system="Be brief.", temperature=0,
                            max_new_tokens=24)
   # Window 64, 24 new tokens -> prompts of at most 41 tokens: old exchanges had to go.
   assert out.getvalue().count("Assistant: ") == 3
@@ -103,12 +107,12 @@ def test_chat_loop_history_reset_and_truncation():
   assert len(history) < 6 and history[0]["role"] == "user"
   assert len(chat_format.encode_prompt(TOK, [{"role": "system", "content": "Be brief."}] + history[:-1])) <= 41
   out = io.StringIO()
-  history = chat.chat_loop(PARAMS, CFG, TOK, ["sort: b a\n", "/reset\n", "copy: a\n", "/exit\n", "max of: 1\n"],
+  history = chat.chat_loop(_params(), CFG, TOK, ["sort: b a\n", "/reset\n", "copy: a\n", "/exit\n", "max of: 1\n"],
                            out.write, temperature=0, max_new_tokens=24)
   assert "[history cleared]" in out.getvalue() and out.getvalue().count("Assistant: ") == 2
   assert [m["role"] for m in history] == ["user", "assistant"] and history[0] == _user("copy: a")
   out = io.StringIO()
-  chat.chat_loop(PARAMS, CFG, TOK, ["bad <|user|> text\n", "x " * 80 + "\n"], out.write, temperature=0,
+  chat.chat_loop(_params(), CFG, TOK, ["bad <|user|> text\n", "x " * 80 + "\n"], out.write, temperature=0,
                  max_new_tokens=24)
   assert out.getvalue().count("[error:") == 2 and "Assistant: " not in out.getvalue()
 
@@ -119,7 +123,7 @@ def test_load_chat_model_refuses_reward_models_and_reads_rl_policies(tmp_path):
     chat.load_chat_model(str(tmp_path / "run"), "rm")
   with pytest.raises(ValueError, match="does not exist"):
     chat.load_chat_model(str(tmp_path / "run"), "ppo_ptx")
-  policy = jax.tree.map(lambda x: x + 1.0, PARAMS)
+  policy = jax.tree.map(lambda x: x + 1.0, _params())
   _workdir(tmp_path / "run" / "ppo_ptx", "ppo", {"policy": {"params": policy}, "value": {"params": heads.init(
       CFG, jax.random.PRNGKey(2))}, "step": np.int32(3)})
   info, cfg, tok, params = chat.load_chat_model(str(tmp_path / "run"), "ppo_ptx")
@@ -129,7 +133,7 @@ def test_load_chat_model_refuses_reward_models_and_reads_rl_policies(tmp_path):
 
 
 def test_cli_with_piped_stdin(tmp_path):
-  _workdir(tmp_path / "run" / "sft", "sft", {"params": PARAMS, "step": np.int32(3)})
+  _workdir(tmp_path / "run" / "sft", "sft", {"params": _params(), "step": np.int32(3)})
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1), "PYTHONUNBUFFERED": "1"}
   stdin = "sort: b a\ncopy: a b\n/reset\nsort: b a\n/exit\nmax of: 3 4\n"
   proc = subprocess.run([sys.executable, "-m", "rlhf_jax.chat", "--workdir", str(tmp_path / "run"), "--stage", "sft",
@@ -151,7 +155,7 @@ def test_unknown_slash_command_prints_commands_and_is_not_sent(monkeypatch):
   sent = []
   monkeypatch.setattr(chat, "stream_reply", lambda *a, **k: sent.append(a[3]) or "ok")
   out = io.StringIO()
-  history = chat.chat_loop(PARAMS, CFG, TOK, ["/quit\n", "  /help me\n", "/Exit\n", "sort: b a\n", "/reset now\n",
+  history = chat.chat_loop(_params(), CFG, TOK, ["/quit\n", "  /help me\n", "/Exit\n", "sort: b a\n", "/reset now\n",
                                               "/exit\n", "copy: a\n"], out.write, temperature=0, max_new_tokens=8)
   text = out.getvalue()
   for bad in ("/quit", "/help", "/Exit", "/reset"):   # "/reset now" is not the /reset command either

@@ -18,14 +18,22 @@ import pytest
 
 from rlhf_jax.model import gpt, layers
 from rlhf_jax.train import steps
+from model_fixtures import init_params  # tests/ is on sys.path
 
 
 CFG = gpt.preset("nano", dropout=0.0, vocab_size=96, max_len=32)
 LLAMA = dataclasses.replace(CFG, family="llama", position="rope", norm="rmsnorm", mlp="swiglu", bias=False,
                             qkv_bias=False, n_kv_head=2, tie_embeddings=False)
-_init = jax.jit(gpt.init, static_argnums=0)   # one program, not one per initialiser op
-PARAMS = _init(CFG, jax.random.PRNGKey(0))
-LPARAMS = _init(LLAMA, jax.random.PRNGKey(1))
+
+
+def _params():
+  return init_params(CFG, 0)
+
+
+def _llama_params():
+  return init_params(LLAMA, 1)
+
+
 B, T = 3, 12
 
 
@@ -112,7 +120,7 @@ def _reference_logits(params, cfg, tokens, attention_mask):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_model_gradient_matches_plain_reference(family):
-  cfg, params = (CFG, PARAMS) if family == "gpt2" else (LLAMA, LPARAMS)
+  cfg, params = (CFG, _params()) if family == "gpt2" else (LLAMA, _llama_params())
   batch = _batch(cfg)
 
   def ref_loss(p):
@@ -132,7 +140,7 @@ def test_layer_loop_and_remat_variants_give_the_same_gradient(variant):
   batch = _batch(LLAMA, 1)
   base = dataclasses.replace(LLAMA, scan_layers=True, remat="none")
   cfg = dataclasses.replace(base, **variant)
-  grad = lambda c: jax.jit(jax.value_and_grad(lambda p: steps.lm_loss_fn(c)(p, batch, None)[0]))(LPARAMS)
+  grad = lambda c: jax.jit(jax.value_and_grad(lambda p: steps.lm_loss_fn(c)(p, batch, None)[0]))(_llama_params())
   _close(grad(cfg), grad(base))
 
 
@@ -148,7 +156,7 @@ def test_auto_defaults_resolve_per_backend():
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_chunked_cross_entropy_matches_full_logits(family):
-  cfg, params = (CFG, PARAMS) if family == "gpt2" else (LLAMA, LPARAMS)
+  cfg, params = (CFG, _params()) if family == "gpt2" else (LLAMA, _llama_params())
   batch = _batch(cfg, 2)
   full = jax.jit(jax.value_and_grad(lambda p: steps.lm_loss_fn(cfg, chunk_size=0)(p, batch, None)[0]))(params)
   chunked = jax.jit(jax.value_and_grad(lambda p: steps.lm_loss_fn(cfg, chunk_size=5)(p, batch, None)[0]))(params)
@@ -178,7 +186,7 @@ def test_large_logits_use_the_chunked_loss_and_never_form_full_logits():
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_per_layer_cache_equals_stacked_cache_and_uncached(family):
-  cfg, params = (CFG, PARAMS) if family == "gpt2" else (LLAMA, LPARAMS)
+  cfg, params = (CFG, _params()) if family == "gpt2" else (LLAMA, _llama_params())
   batch = _batch(cfg, 3)
   toks, attn = batch["tokens"], batch["attention_mask"]
   full = jax.jit(gpt.logits, static_argnums=1)(params, cfg, toks, attn)

@@ -17,12 +17,18 @@ from rlhf_jax.data import tokenizer as tok_lib
 from rlhf_jax.eval import in_context as ic
 from rlhf_jax.model import gpt
 from rlhf_jax.train import checkpoint, stages
+from model_fixtures import init_params  # tests/ is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 TOK = tok_lib.train_bpe(synthetic.pretraining_corpus(400, seed=1), 300)
 # Large init_std: peaked next-token distributions, so argmax ties cannot flip between code paths.
 CFG = gpt.preset("nano", vocab_size=TOK.vocab_size, max_len=160, dropout=0.0, init_std=0.3)
-PARAMS = jax.jit(gpt.init, static_argnums=0)(CFG, jax.random.PRNGKey(0))
+
+
+def _params():
+  return init_params(CFG, 0)
+
+
 EXAMPLES = ic.make_examples(5, 4, seed=3)
 
 
@@ -74,7 +80,7 @@ def test_prompt_drops_oldest_demonstrations_to_fit():
     ic.prompt_ids(TOK, ex.demos, ex.query, "hh", len(zero) - 1)
 
 
-_logits_1 = jax.jit(lambda tokens: gpt.logits(PARAMS, CFG, tokens))
+_logits_1 = jax.jit(lambda tokens: gpt.logits(_params(), CFG, tokens))
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,7 +97,8 @@ def _full_logprobs(ids: tuple):
 @pytest.mark.parametrize("fmt", ["hh", "chat"])
 def test_choice_scores_match_unbatched_reference(fmt):
   k, max_len = 2, 120
-  got = ic.choice_scores(PARAMS, CFG, TOK, EXAMPLES, k, fmt, max_len=max_len, batch_size=8)  # 20 rows: last batch padded
+  # 20 rows: the last batch is padded
+  got = ic.choice_scores(_params(), CFG, TOK, EXAMPLES, k, fmt, max_len=max_len, batch_size=8)
   for i, ex in enumerate(EXAMPLES):
     for j, choice in enumerate(ex.choices):
       cont = ic.continuation_ids(TOK, choice, fmt)
@@ -106,7 +113,7 @@ def test_choice_scores_match_unbatched_reference(fmt):
 
 def test_greedy_answers_match_unbatched_reference():
   k, n_new, budget = 1, 6, 100
-  answers, shots = ic.greedy_answers(PARAMS, CFG, TOK, EXAMPLES, k, "qa", max_prompt_len=budget,
+  answers, shots = ic.greedy_answers(_params(), CFG, TOK, EXAMPLES, k, "qa", max_prompt_len=budget,
                                      max_new_tokens=n_new, batch_size=4)
   assert (shots == k).all() and len(answers) == len(EXAMPLES)
   for ex, got in zip(EXAMPLES, answers):
@@ -167,7 +174,7 @@ def test_experiment_runs_on_a_saved_model(tmp_path):
   stages.write_stage(str(work), "pretrain", CFG)
   tok_lib.save(TOK, work / "tokenizer")
   ckpt = checkpoint.Checkpointer(str(work / "checkpoints"), async_save=False)
-  ckpt.save(1, {"params": PARAMS, "step": np.int32(1)})
+  ckpt.save(1, {"params": _params(), "step": np.int32(1)})
   ckpt.close()
   spec = importlib.util.spec_from_file_location("in_context_under_test", REPO / "experiments" / "in_context.py")
   exp = importlib.util.module_from_spec(spec)
@@ -177,7 +184,7 @@ def test_experiment_runs_on_a_saved_model(tmp_path):
   config.eval.update(dict(n_examples=6, ks=(0, 2), formats=("hh", "chat"), max_new_tokens=6, batch_size=8))
   out = exp.train(config, str(tmp_path / "ic"))
   saved = json.loads((tmp_path / "ic" / "in_context.json").read_text())
-  assert saved["ks"] == [0, 2] and saved["results"][0]["num_params"] == gpt.num_params(PARAMS)
+  assert saved["ks"] == [0, 2] and saved["results"][0]["num_params"] == gpt.num_params(_params())
   for fmt in ("hh", "chat"):
     for k in ("0", "2"):
       m = saved["results"][0]["formats"][fmt][k]

@@ -17,13 +17,18 @@ from rlhf_jax.recipes import ppo as ppo_recipe, sft as sft_recipe
 from rlhf_jax.train import checkpoint, loop, ppo, stages, steps, supervised
 import hf_fixtures  # tests/ is on sys.path (pytest's rootdir-less import)
 from data_fixtures import write_jsonl
+from model_fixtures import init_params  # tests/ is on sys.path
 
 EXP = Path(__file__).resolve().parents[1] / "experiments"
 # Every kernel kind: q / kv (GQA) / out, swiglu's fc + gate, proj.
 CFG = gpt.preset("nano", vocab_size=64, max_len=32, mlp="swiglu", n_kv_head=2, position="rope", norm="rmsnorm",
                  bias=False)
-_init = jax.jit(gpt.init, static_argnums=0)   # one program, not one per initialiser op
-PARAMS = _init(CFG, jax.random.PRNGKey(0))
+
+
+def _params():
+  return init_params(CFG, 0)
+
+
 LOGITS = jax.jit(gpt.logits, static_argnums=1)   # one compile for every logits call below
 
 
@@ -52,14 +57,14 @@ def _get(tree, path):
 
 
 def test_zero_adapters_merge_to_the_base_exactly():
-  ad = lora.init(PARAMS, 4, jax.random.PRNGKey(1))
+  ad = lora.init(_params(), 4, jax.random.PRNGKey(1))
   assert set(_kernels(ad)) == {("blocks", "attn", k) for k in ("q_kernel", "kv_kernel", "out_kernel")} | {
       ("blocks", "mlp", k) for k in ("fc_kernel", "gate_kernel", "proj_kernel")}
   q = ad["blocks"]["attn"]["q_kernel"]
   assert q["a"].shape == (2, 64, 4) and q["b"].shape == (2, 4, 4, 16) and not np.any(np.asarray(q["b"]))
   assert ad["blocks"]["attn"]["out_kernel"]["a"].shape == (2, 4, 16, 4)          # both input axes kept
-  merged = lora.merge(PARAMS, ad, 16.0 / 4)
-  for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(PARAMS)):
+  merged = lora.merge(_params(), ad, 16.0 / 4)
+  for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(_params())):
     assert np.array_equal(np.asarray(a), np.asarray(b))
   # Axes: A = the kernel's layer + input axes and None, B = None + its output axes.
   axes = lora.adapter_axes(gpt.param_axes(CFG), ad)
@@ -67,7 +72,7 @@ def test_zero_adapters_merge_to_the_base_exactly():
                                                   "b": ("layers", None, "embed")}
   assert axes["blocks"]["attn"]["kv_kernel"]["b"] == ("layers", None, None, "kv_heads", "head_dim")
   # A scalar model: the trunk is adapted, the head is trained in full (a copy in the adapters).
-  rm = heads.from_lm(PARAMS, CFG, jax.random.PRNGKey(2))
+  rm = heads.from_lm(_params(), CFG, jax.random.PRNGKey(2))
   rm_ad = lora.init(rm, 4, jax.random.PRNGKey(1))
   assert set(rm_ad) == {"gpt", "head"} and np.array_equal(rm_ad["head"]["kernel"], rm["head"]["kernel"])
   new_head = {"kernel": rm_ad["head"]["kernel"] + 1.0, "bias": rm_ad["head"]["bias"]}
@@ -79,18 +84,18 @@ def test_zero_adapters_merge_to_the_base_exactly():
 def test_merged_equals_unmerged_by_brute_force():
   """x @ (W + s A B) == x @ W + s (x @ A) @ B for every kernel (numpy float64), and the merged model's
   logits == the logits of weights merged independently in numpy."""
-  ad, scale = _random_adapters(PARAMS), 16.0 / 4
-  merged = lora.merge(PARAMS, ad, scale)
+  ad, scale = _random_adapters(_params()), 16.0 / 4
+  merged = lora.merge(_params(), ad, scale)
   rng = np.random.default_rng(0)
   for path, adapter in _kernels(ad).items():
-    w = np.asarray(_get(PARAMS, path), np.float64)[0]                    # layer 0
+    w = np.asarray(_get(_params(), path), np.float64)[0]                    # layer 0
     a, b = np.asarray(adapter["a"], np.float64)[0], np.asarray(adapter["b"], np.float64)[0]
     n_in = a.ndim - 1
     x = rng.normal(size=(5,) + w.shape[:n_in])
     unmerged = (np.tensordot(x, w, n_in) + scale * np.tensordot(np.tensordot(x, a, n_in), b, 1))
     ours = np.tensordot(x, np.asarray(_get(merged, path), np.float64)[0], n_in)
     np.testing.assert_allclose(ours, unmerged, atol=1e-5, rtol=1e-5, err_msg=str(path))
-  by_hand = jax.tree.map(np.array, PARAMS)                 # writable copies
+  by_hand = jax.tree.map(np.array, _params())                 # writable copies
   for path, adapter in _kernels(ad).items():
     w = _get(by_hand, path)
     a, b = np.asarray(adapter["a"], np.float64), np.asarray(adapter["b"], np.float64)
@@ -100,11 +105,11 @@ def test_merged_equals_unmerged_by_brute_force():
   want = np.asarray(LOGITS(by_hand, CFG, tokens))
   got = np.asarray(LOGITS(merged, CFG, tokens))
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-  assert np.max(np.abs(got - np.asarray(LOGITS(PARAMS, CFG, tokens)))) > 1e-2   # the adapters matter
+  assert np.max(np.abs(got - np.asarray(LOGITS(_params(), CFG, tokens)))) > 1e-2   # the adapters matter
 
 
 def test_gradients_reach_only_the_adapters():
-  tree, _ = lora.attach(PARAMS, gpt.param_axes(CFG), lora.Spec(4), jax.random.PRNGKey(1))
+  tree, _ = lora.attach(_params(), gpt.param_axes(CFG), lora.Spec(4), jax.random.PRNGKey(1))
   rows = np.random.default_rng(0).integers(0, 64, (4, 13)).astype(np.int32)
   batch = {"tokens": rows[:, :-1], "targets": rows[:, 1:], "mask": np.ones((4, 12), np.int32)}
   grads = jax.jit(jax.grad(lambda t: lora.loss(steps.lm_loss_fn(CFG))(t, batch, None)[0]))(tree)
@@ -124,9 +129,9 @@ def test_config_switch_and_clear_errors():
   with pytest.raises(ValueError, match="none of the targets"):
     lora.init(gelu_mlp, 4, jax.random.PRNGKey(0), targets=("gate_kernel",))
   # A state without a reference must read a LoRA policy's base; a full fine-tuned policy needs a copy.
-  value = heads.from_lm(PARAMS, CFG, jax.random.PRNGKey(1))
+  value = heads.from_lm(_params(), CFG, jax.random.PRNGKey(1))
   with pytest.raises(ValueError, match="needs a LoRA policy"):
-    ppo.create_rl_state(PARAMS, value, None, value, None, None, None, {m: {} for m in ppo.MODELS},
+    ppo.create_rl_state(_params(), value, None, value, None, None, None, {m: {} for m in ppo.MODELS},
                         jax.random.PRNGKey(0), 0.1)
 
 
@@ -134,7 +139,10 @@ def test_config_switch_and_clear_errors():
 
 ROWS = np.random.default_rng(0).integers(0, 64, (40, 17)).astype(np.int32)
 TINY = gpt.preset("nano", vocab_size=64, max_len=32, n_layer=1, d_model=32, n_head=2, head_dim=16, dropout=0.1)
-TINY_PARAMS = _init(TINY, jax.random.PRNGKey(3))
+
+
+def _tiny_params():
+  return init_params(TINY, 3)
 
 
 def _losses(workdir):
@@ -155,7 +163,7 @@ def _fit_lm(workdir, stop_at=None):
     if step == stop_at:
       raise Stop()
 
-  return supervised.fit_lm(c, str(workdir), TINY, ROWS, ROWS[:8], params=TINY_PARAMS, eval_batches=0,
+  return supervised.fit_lm(c, str(workdir), TINY, ROWS, ROWS[:8], params=_tiny_params(), eval_batches=0,
                            hooks=[hook])
 
 
@@ -173,7 +181,7 @@ def test_fit_trains_the_adapters_and_leaves_the_base_bit_identical(lm_runs):
   state = lm_runs["state"]
   params = state["params"]
   assert lora.is_lora(params) and float(params["scale"]) == 16.0 / 4
-  for a, b in zip(jax.tree.leaves(params["base"]), jax.tree.leaves(TINY_PARAMS)):
+  for a, b in zip(jax.tree.leaves(params["base"]), jax.tree.leaves(_tiny_params())):
     assert np.array_equal(np.asarray(a), np.asarray(b))
   assert all(np.any(np.asarray(ad["b"])) for ad in _kernels(params["lora"]).values())
   # No Adam moments for the base: the optimizer state is about 2x the adapters (+ counters).

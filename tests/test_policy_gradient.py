@@ -19,11 +19,15 @@ from rlhf_jax.losses import policy_gradient as pg
 from rlhf_jax.losses import ppo as ppo_losses
 from rlhf_jax.model import gpt
 from rlhf_jax.train import group_rl, loop, rl
+from model_fixtures import init_params  # tests/ is on sys.path
 
 V, N, TP, B, K = 32, 8, 4, 8, 4
 PAD, EOS, X = 0, 1, 5
 CFG = gpt.preset("nano", dropout=0.0, vocab_size=V, max_len=32)
-POLICY = jax.jit(gpt.init, static_argnums=0)(CFG, jax.random.PRNGKey(0))
+
+
+def _policy():
+  return init_params(CFG, 0)
 
 
 # ----------------------------------------------------------------------------- group advantages
@@ -134,7 +138,7 @@ def test_group_rollout_layout_and_advantages(advantage, kl_mode):
   fn = group_rl.make_group_rollout(CFG, CFG, count_score, group_size=K, advantage=advantage, kl_mode=kl_mode,
                                    kl_coef=0.3, max_new_tokens=N, temperature=1.0, eos_id=EOS, pad_id=PAD)
   toks, mask = _prompts()
-  e = jax.device_get(jax.jit(fn)(POLICY, ref, {}, toks, mask, jax.random.PRNGKey(4)))
+  e = jax.device_get(jax.jit(fn)(_policy(), ref, {}, toks, mask, jax.random.PRNGKey(4)))
   assert e["tokens"].shape == (B * K, TP + N) and e["advantages"].shape == (B * K, N)
   # Row b*K + k is sample k of prompt b; the K samples of a prompt differ.
   np.testing.assert_array_equal(e["tokens"][:, :TP], np.repeat(np.where(mask > 0, toks, PAD), K, axis=0))
@@ -208,9 +212,9 @@ def _fit(workdir, crash_at=None, **kw):
     if step == crash_at:
       raise Crash()
   cfg = _config(**kw)
-  return rl.fit_group_rl(cfg, str(workdir), policy_cfg=CFG, policy_params=POLICY, ref_params=POLICY, score_params={},
-                         score_cfg=None, score_fn=count_score, prompt_batches=Prompts(), eos_id=EOS, pad_id=PAD,
-                         hooks=[hook], name="rloo")
+  return rl.fit_group_rl(cfg, str(workdir), policy_cfg=CFG, policy_params=_policy(), ref_params=_policy(),
+                         score_params={}, score_cfg=None, score_fn=count_score, prompt_batches=Prompts(), eos_id=EOS,
+                         pad_id=PAD, hooks=[hook], name="rloo")
 
 
 @functools.lru_cache(maxsize=None)
@@ -255,9 +259,9 @@ def test_group_rl_resumes_exactly(tmp_root):
 
 
 def test_grpo_step_with_the_k3_term(tmp_path):
-  state, last, _ = rl.fit_group_rl(_config("grpo", "k3", steps=2), str(tmp_path), policy_cfg=CFG, policy_params=POLICY,
-                                   ref_params=POLICY, score_params={}, score_cfg=None, score_fn=count_score,
-                                   prompt_batches=Prompts(), eos_id=EOS, pad_id=PAD, name="grpo")
+  state, last, _ = rl.fit_group_rl(_config("grpo", "k3", steps=2), str(tmp_path), policy_cfg=CFG,
+                                   policy_params=_policy(), ref_params=_policy(), score_params={}, score_cfg=None,
+                                   score_fn=count_score, prompt_batches=Prompts(), eos_id=EOS, pad_id=PAD, name="grpo")
   hist = loop.read_metrics(str(tmp_path))
   # The policy starts at the reference; the k3 term (a mean over the iteration's 4 updates) then grows.
   assert 0 <= hist[0]["grpo/ref_kl_k3"] < hist[1]["grpo/ref_kl_k3"] and int(state["step"]) == 2

@@ -20,12 +20,18 @@ from rlhf_jax.model import gpt, heads
 from rlhf_jax.train import ppo
 from rlhf_jax.train import rollout as rollout_lib
 from rlhf_jax.train import state as state_lib
+from model_fixtures import init_params  # tests/ is on sys.path
 
 V, N, TP = 32, 8, 4
 PAD, EOS, X = 0, 1, 5
 B, BP, TPTX = 16, 8, 12
 CFG = gpt.preset("nano", dropout=0.0, vocab_size=V, max_len=32)
-POLICY = jax.jit(gpt.init, static_argnums=0)(CFG, jax.random.PRNGKey(0))
+
+
+def _policy():
+  return init_params(CFG, 0)
+
+
 AXES = {"policy": gpt.param_axes(CFG), "value": heads.param_axes(CFG), "ref": gpt.param_axes(CFG),
         "score": {"w": ()}}
 OPTIM = mlc.ConfigDict(dict(lr=3e-3, total_steps=1000, warmup_steps=0, schedule="constant", weight_decay=0.0,
@@ -56,8 +62,8 @@ def _mesh(shape=(1, 1, 1)):
 
 
 def _state(mesh, beta, ref=None, value=None, w=1.0):
-  value = heads.from_lm(POLICY, CFG, jax.random.PRNGKey(1)) if value is None else value
-  return ppo.create_rl_state(POLICY, value, POLICY if ref is None else ref, {"w": jnp.float32(w)}, OPT, OPT, mesh,
+  value = heads.from_lm(_policy(), CFG, jax.random.PRNGKey(1)) if value is None else value
+  return ppo.create_rl_state(_policy(), value, _policy() if ref is None else ref, {"w": jnp.float32(w)}, OPT, OPT, mesh,
                              AXES, jax.random.PRNGKey(2), beta)[0]
 
 
@@ -76,7 +82,7 @@ def _step(shape=(1, 1, 1)):
 @functools.lru_cache(maxsize=None)
 def _cached_step(shape):
   mesh = _mesh(shape)
-  _, shardings = ppo.create_rl_state(POLICY, heads.from_lm(POLICY, CFG, jax.random.PRNGKey(1)), POLICY,
+  _, shardings = ppo.create_rl_state(_policy(), heads.from_lm(_policy(), CFG, jax.random.PRNGKey(1)), _policy(),
                                      {"w": jnp.float32(1)}, OPT, OPT, mesh, AXES, jax.random.PRNGKey(2), 0.1)
   return mesh, state_lib.jit_step(_raw_step(), shardings, mesh)
 
@@ -158,7 +164,7 @@ def test_ppo_learns_a_known_reward_and_beta_controls_kl():
 def test_ptx_keeps_the_pretraining_loss_lower_during_ppo():
   """Same run with and without the pretraining batch: the LM loss on it ends far lower with PPO-ptx."""
   runs = _known_reward_runs()
-  start = float(_lm(POLICY, _ptx()))
+  start = float(_lm(_policy(), _ptx()))
   plain, ptx = runs[("ppo", 0.01)], runs[("ptx", 0.01)]
   print(f"\npretraining LM loss: start {start:.3f}, PPO {plain['final_lm']:.3f}, PPO-ptx {ptx['final_lm']:.3f}")
   assert ptx["final_lm"] < plain["final_lm"] - 0.5
@@ -173,7 +179,7 @@ def test_ptx_keeps_the_pretraining_loss_lower_during_ppo():
 def _zero_advantage_state(mesh):
   """Score weight 0, beta 0 and a zero value head: rewards, values, returns and advantages are all 0,
   so the PPO losses have exactly zero gradient and only the ptx term can move the policy."""
-  return _state(mesh, 0.0, value=heads.from_lm(POLICY, CFG, jax.random.PRNGKey(1), zero_head=True), w=0.0)
+  return _state(mesh, 0.0, value=heads.from_lm(_policy(), CFG, jax.random.PRNGKey(1), zero_head=True), w=0.0)
 
 
 def test_ptx_update_equals_optimizer_steps_on_the_lm_loss():
@@ -191,7 +197,7 @@ def test_ptx_update_equals_optimizer_steps_on_the_lm_loss():
     updates, opt_state = OPT.update(jax.tree.map(lambda g: 0.5 * g, grads), opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  params, opt_state = POLICY, OPT.init(POLICY)
+  params, opt_state = _policy(), OPT.init(_policy())
   losses = []
   for _ in range(4):
     params, opt_state, loss = reference_step(params, opt_state)
@@ -201,7 +207,7 @@ def test_ptx_update_equals_optimizer_steps_on_the_lm_loss():
   assert float(new_state["kl_beta"]) == 0.0
   # Adam turns float32 noise on (analytically) zero gradients into O(lr) steps: bound well below lr.
   assert _max_diff(new_state["policy"]["params"], params) < 1e-4
-  assert float(_lm(new_state["policy"]["params"], ptx)) < float(_lm(POLICY, ptx)) - 0.05
+  assert float(_lm(new_state["policy"]["params"], ptx)) < float(_lm(_policy(), ptx)) - 0.05
 
 
 def test_without_ptx_and_advantages_the_policy_does_not_move():
@@ -210,7 +216,7 @@ def test_without_ptx_and_advantages_the_policy_does_not_move():
   new_state, m = step(_zero_advantage_state(mesh),
                       parallel.put_batch({**_prompts(), **ptx, "ptx_mask": np.zeros_like(ptx["ptx_mask"])}, mesh))
   assert float(m["ptx_loss"]) == 0.0 and float(m["policy_loss"]) == 0.0
-  assert _max_diff(new_state["policy"]["params"], POLICY) == 0.0   # Adam on zero grads, no weight decay
+  assert _max_diff(new_state["policy"]["params"], _policy()) == 0.0   # Adam on zero grads, no weight decay
   assert int(new_state["step"]) == 1
 
 
@@ -231,10 +237,10 @@ def test_learner_logprobs_equal_the_rollout_definition():
   lengths = rng.integers(1, N + 1, B)
   resp_mask = jnp.asarray((np.arange(N)[None] < lengths[:, None]).astype(np.int32))
   attn = jnp.concatenate([jnp.ones((B, TP), jnp.int32), resp_mask], 1)
-  old = jax.jit(sampling.sequence_logprobs, static_argnums=1)(POLICY, CFG, tokens, attn, temp)[:, TP - 1:]
+  old = jax.jit(sampling.sequence_logprobs, static_argnums=1)(_policy(), CFG, tokens, attn, temp)[:, TP - 1:]
   adv = jnp.asarray(rng.normal(size=(B, N)).astype(np.float32)) * resp_mask
   mb = {"tokens": tokens, "attention_mask": attn, "response_mask": resp_mask, "logprobs": old, "advantages": adv}
-  loss, met = jax.jit(ppo._policy_loss_fn(CFG, temp, 0.2, 0.0))(POLICY, mb, {})
+  loss, met = jax.jit(ppo._policy_loss_fn(CFG, temp, 0.2, 0.0))(_policy(), mb, {})
   assert float(met["clip_frac"]) == 0.0
   assert float(met["approx_kl"]) < 1e-12
   assert float(loss) == pytest.approx(-float(jnp.sum(adv) / jnp.sum(resp_mask)), rel=1e-5)
@@ -306,8 +312,8 @@ def test_bad_inputs_raise():
   with pytest.raises(ValueError, match=r"lacks key\(s\) \['vf_coef'\]"):
     ppo.make_rl_step(roll, CFG, CFG, OPT, OPT, cfg)
   with pytest.raises(ValueError, match=r"axes lacks param_axes for \['score'\]"):
-    ppo.create_rl_state(POLICY, POLICY, POLICY, {}, OPT, OPT, _mesh(), {k: v for k, v in AXES.items() if k != "score"},
-                        jax.random.PRNGKey(0), 0.1)
+    ppo.create_rl_state(_policy(), _policy(), _policy(), {}, OPT, OPT, _mesh(),
+                        {k: v for k, v in AXES.items() if k != "score"}, jax.random.PRNGKey(0), 0.1)
 
 
 def test_value_warmup_freezes_the_policy_and_its_optimizer_only():
@@ -315,7 +321,7 @@ def test_value_warmup_freezes_the_policy_and_its_optimizer_only():
   Adam state); the third updates the policy exactly as an unfrozen step from that state would."""
   mesh = _mesh((1, 1, 1))
   state = _state(mesh, 0.1)
-  _, shardings = ppo.create_rl_state(POLICY, heads.from_lm(POLICY, CFG, jax.random.PRNGKey(1)), POLICY,
+  _, shardings = ppo.create_rl_state(_policy(), heads.from_lm(_policy(), CFG, jax.random.PRNGKey(1)), _policy(),
                                      {"w": jnp.float32(1)}, OPT, OPT, mesh, AXES, jax.random.PRNGKey(2), 0.1)
   warm = state_lib.jit_step(_raw_step(value_warmup_iters=2), shardings, mesh, donate=False)
   _, plain = _step()

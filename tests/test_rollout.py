@@ -9,14 +9,26 @@ import pytest
 from rlhf_jax import sampling
 from rlhf_jax.model import gpt, heads
 from rlhf_jax.train import rollout as rollout_lib
+from model_fixtures import init_params  # tests/ is on sys.path
 
 V, N, TP, B = 32, 10, 6, 16
 EOS, PAD, X = 1, 0, 7
 CFG = gpt.preset("nano", dropout=0.0, vocab_size=V, max_len=32)
-_init = jax.jit(gpt.init, static_argnums=0)   # one program, not one per initialiser op
-POLICY = _init(CFG, jax.random.PRNGKey(0))
-OTHER = _init(CFG, jax.random.PRNGKey(5))           # a reference that differs from the policy
-VALUE = heads.init(CFG, jax.random.PRNGKey(1))         # random head, so values are not all 0
+
+
+def _policy():
+  return init_params(CFG, 0)
+
+
+def _other():  # a reference that differs from the policy
+  return init_params(CFG, 5)
+
+
+@functools.cache
+def _value():
+  return heads.init(CFG, jax.random.PRNGKey(1))   # random head, so values are not all 0
+
+
 TEMP = 0.8
 BETA = 0.3
 
@@ -50,8 +62,8 @@ def _rollout_fn(no_eos_penalty=-1.0, recompute=False):
 @functools.lru_cache(maxsize=None)
 def _run(ref="same", no_eos_penalty=-1.0, recompute=False):
   toks, mask = _prompts()
-  ref_params = POLICY if ref == "same" else OTHER
-  exp = _rollout_fn(no_eos_penalty, recompute)(POLICY, VALUE, ref_params, SCORE_PARAMS, toks, mask,
+  ref_params = _policy() if ref == "same" else _other()
+  exp = _rollout_fn(no_eos_penalty, recompute)(_policy(), _value(), ref_params, SCORE_PARAMS, toks, mask,
                                                jax.random.PRNGKey(42), jnp.float32(BETA))
   return toks, mask, jax.device_get(exp)
 
@@ -90,7 +102,7 @@ def test_reused_sampler_logprobs_equal_an_uncached_recompute():
   _, _, r = _run(recompute=True)
   np.testing.assert_array_equal(e["response_tokens"], r["response_tokens"])   # same samples
   m = e["response_mask"] > 0
-  recomputed = np.asarray(sampling.sequence_logprobs(POLICY, CFG, jnp.asarray(e["tokens"]),
+  recomputed = np.asarray(sampling.sequence_logprobs(_policy(), CFG, jnp.asarray(e["tokens"]),
                                                      jnp.asarray(e["attention_mask"]), TEMP))[:, TP - 1:]
   np.testing.assert_array_equal(e["logprobs"], e["sampled_logprobs"])
   np.testing.assert_allclose(e["logprobs"][m], recomputed[m], atol=1e-5)
@@ -168,7 +180,7 @@ def test_values_are_read_before_each_response_token():
     # Tokens from position TP+t on (response token t onwards) are replaced by junk; causal
     # attention means the value at position TP-1+t must not change.
     tokens = np.where(col[None] < TP + t, e["tokens"], junk)
-    direct = np.asarray(values_fn(VALUE, CFG, jnp.asarray(tokens), jnp.asarray(e["attention_mask"])))
+    direct = np.asarray(values_fn(_value(), CFG, jnp.asarray(tokens), jnp.asarray(e["attention_mask"])))
     rows = m[:, t]
     np.testing.assert_allclose(e["values"][rows, t], direct[rows, TP - 1 + t], rtol=1e-4, atol=1e-5)
 
@@ -199,7 +211,7 @@ def test_bad_settings_raise():
   fn = rollout_lib.make_rollout(CFG, CFG, CFG, bad_score, **kw)
   toks, mask = _prompts()
   with pytest.raises(ValueError, match=r"score_fn must return \[B\]=16 scores"):
-    jax.eval_shape(fn, POLICY, VALUE, POLICY, {}, toks, mask, jax.random.PRNGKey(0), 0.1)
+    jax.eval_shape(fn, _policy(), _value(), _policy(), {}, toks, mask, jax.random.PRNGKey(0), 0.1)
 
 
 def test_make_rollout_from_config_reads_the_ppo_settings():

@@ -9,12 +9,17 @@ import pytest
 
 from rlhf_jax import sampling
 from rlhf_jax.model import gpt
+from model_fixtures import init_params  # tests/ is on sys.path
 
 # Large init_std gives peaked next-token distributions, so argmax ties cannot flip
 # between the cached and uncached float paths.
 CFG = gpt.preset("nano", dropout=0.0, vocab_size=64, max_len=32, init_std=0.3)
-_init = jax.jit(gpt.init, static_argnums=0)   # one program, not one per initialiser op
-PARAMS = _init(CFG, jax.random.PRNGKey(0))
+
+
+def _params():
+  return init_params(CFG, 0)
+
+
 N = 8
 PAD = 0
 PROMPT_LENS = (6, 3, 1, 5)
@@ -60,7 +65,7 @@ def _gen(**kw):
   args = dict(max_new_tokens=N, eos_id=None, pad_id=PAD)
   args.update(kw)
   rng = args.pop("rng", jax.random.PRNGKey(7))
-  return {k: np.asarray(v) for k, v in sampling.generate(PARAMS, CFG, toks, mask, rng, **args).items()}
+  return {k: np.asarray(v) for k, v in sampling.generate(_params(), CFG, toks, mask, rng, **args).items()}
 
 
 def _log_softmax(x):
@@ -72,7 +77,7 @@ def _log_softmax(x):
 @pytest.fixture(scope="module")
 def greedy_ref():
   toks, mask = _prompts()
-  return _reference_greedy(PARAMS, CFG, toks, mask, N)
+  return _reference_greedy(_params(), CFG, toks, mask, N)
 
 
 def test_cached_greedy_matches_uncached_argmax(greedy_ref):
@@ -101,7 +106,7 @@ def test_sampled_logprobs_match_recomputed_sequence_logprobs():
   full = jnp.concatenate([toks, jnp.asarray(out["tokens"])], 1)
   full_mask = jnp.concatenate([mask, jnp.asarray(out["mask"])], 1)
   lp_fn = jax.jit(sampling.sequence_logprobs, static_argnums=(1,))
-  recomputed = np.asarray(lp_fn(PARAMS, CFG, full, full_mask, temp))[:, tp - 1:]
+  recomputed = np.asarray(lp_fn(_params(), CFG, full, full_mask, temp))[:, tp - 1:]
   m = out["mask"] > 0
   np.testing.assert_allclose(recomputed[m], out["logprobs"][m], atol=1e-4)
   np.testing.assert_array_equal(recomputed[~m], 0.0)
@@ -150,7 +155,7 @@ def test_all_rows_end_immediately_when_eos_dominates():
   # ln_f with scale 0 and bias u makes every hidden state u; wte[eos] = 10 u makes EOS the argmax.
   eos = 9
   u = jax.random.normal(jax.random.PRNGKey(5), (CFG.d_model,))
-  params = jax.tree.map(lambda x: x, PARAMS)
+  params = jax.tree.map(lambda x: x, _params())
   params["ln_f"] = {"scale": jnp.zeros_like(u), "bias": u}
   params["wte"] = params["wte"].at[eos].set(10.0 * u)
   toks, mask = _prompts()
@@ -175,18 +180,18 @@ def test_rng_determinism():
 def test_prefill_decode_step_stream_equals_generate():
   toks, mask = _prompts()
   spec = sampling.SamplingSpec(top_k=20, top_p=0.9)
-  state = sampling.prefill(PARAMS, CFG, toks, mask, jax.random.PRNGKey(4), max_new_tokens=N,
+  state = sampling.prefill(_params(), CFG, toks, mask, jax.random.PRNGKey(4), max_new_tokens=N,
                            temperature=0.8, eos_id=5, pad_id=PAD, spec=spec)
   for _ in range(N - 1):
-    state = sampling.decode_step(PARAMS, CFG, state, spec=spec)
+    state = sampling.decode_step(_params(), CFG, state, spec=spec)
   streamed = sampling.outputs(state)
   ref = _gen(rng=jax.random.PRNGKey(4), temperature=0.8, top_k=20, top_p=0.9, eos_id=5)
   for k in ref:
     np.testing.assert_allclose(np.asarray(streamed[k]), ref[k], atol=1e-6, err_msg=k)
   with pytest.raises(ValueError, match="already holds all"):
-    sampling.decode_step(PARAMS, CFG, state, spec=spec)
+    sampling.decode_step(_params(), CFG, state, spec=spec)
   # The decoding layout, computed once per stream (as chat does), gives the same stream.
-  dec = sampling.decode_layout(PARAMS, CFG)
+  dec = sampling.decode_layout(_params(), CFG)
   assert isinstance(dec["blocks"], tuple) and sampling.decode_layout(dec, CFG)["blocks"] is not None
   state = sampling.prefill(dec, CFG, toks, mask, jax.random.PRNGKey(4), max_new_tokens=N,
                            temperature=0.8, eos_id=5, pad_id=PAD, spec=spec)
@@ -200,22 +205,25 @@ def test_bad_inputs_raise():
   toks, mask = _prompts()
   key = jax.random.PRNGKey(0)
   with pytest.raises(ValueError, match="LEFT-padded"):
-    sampling.generate(PARAMS, CFG, toks, mask[:, ::-1], key, max_new_tokens=2, eos_id=None, pad_id=0)
+    sampling.generate(_params(), CFG, toks, mask[:, ::-1], key, max_new_tokens=2, eos_id=None, pad_id=0)
   with pytest.raises(ValueError, match="context window"):
-    sampling.generate(PARAMS, CFG, toks, mask, key, max_new_tokens=CFG.max_len, eos_id=None, pad_id=0)
+    sampling.generate(_params(), CFG, toks, mask, key, max_new_tokens=CFG.max_len, eos_id=None, pad_id=0)
   with pytest.raises(ValueError, match="temperature"):
-    sampling.generate(PARAMS, CFG, toks, mask, key, max_new_tokens=2, temperature=0.0, eos_id=None, pad_id=0)
+    sampling.generate(_params(), CFG, toks, mask, key, max_new_tokens=2, temperature=0.0, eos_id=None, pad_id=0)
   with pytest.raises(ValueError, match="top_p"):
-    sampling.generate(PARAMS, CFG, toks, mask, key, max_new_tokens=2, top_p=0.0, eos_id=None, pad_id=0)
+    sampling.generate(_params(), CFG, toks, mask, key, max_new_tokens=2, top_p=0.0, eos_id=None, pad_id=0)
   with pytest.raises(ValueError, match="eos_id"):
-    sampling.generate(PARAMS, CFG, toks, mask, key, max_new_tokens=2, eos_id=CFG.vocab_size, pad_id=0)
+    sampling.generate(_params(), CFG, toks, mask, key, max_new_tokens=2, eos_id=CFG.vocab_size, pad_id=0)
   with pytest.raises(ValueError, match="beam_width"):
-    sampling.beam_search(PARAMS, CFG, toks, mask, beam_width=0, max_new_tokens=2, eos_id=None, pad_id=0)
+    sampling.beam_search(_params(), CFG, toks, mask, beam_width=0, max_new_tokens=2, eos_id=None, pad_id=0)
 
 
 # ----------------------------------------------------------------- beam search
 SMALL = gpt.GPTConfig(vocab_size=6, max_len=16, n_layer=1, n_head=2, d_model=16, dropout=0.0, init_std=0.5)
-SMALL_PARAMS = _init(SMALL, jax.random.PRNGKey(2))
+
+
+def _small_params():
+  return init_params(SMALL, 2)
 
 
 def _exhaustive_best(params, cfg, toks, mask, n, eos_id, alpha):
@@ -244,9 +252,9 @@ def test_beam_search_matches_exhaustive_search(eos_id, alpha):
   n = 3
   toks, mask = _prompts(lens=(3, 2), tp=3, vocab=SMALL.vocab_size, seed=3)
   # beam_width = V**(n-1) keeps every prefix alive, so beam search must be exact.
-  out = sampling.beam_search(SMALL_PARAMS, SMALL, toks, mask, beam_width=SMALL.vocab_size ** (n - 1),
+  out = sampling.beam_search(_small_params(), SMALL, toks, mask, beam_width=SMALL.vocab_size ** (n - 1),
                              max_new_tokens=n, eos_id=eos_id, pad_id=PAD, length_penalty=alpha)
-  for b, (hyp, score) in enumerate(_exhaustive_best(SMALL_PARAMS, SMALL, toks, mask, n, eos_id, alpha)):
+  for b, (hyp, score) in enumerate(_exhaustive_best(_small_params(), SMALL, toks, mask, n, eos_id, alpha)):
     length = len(hyp)
     assert int(out["lengths"][b]) == length, (b, hyp, out)
     np.testing.assert_array_equal(np.asarray(out["tokens"][b, :length]), hyp)
@@ -256,14 +264,14 @@ def test_beam_search_matches_exhaustive_search(eos_id, alpha):
 
 def test_beam_width_1_equals_greedy(greedy_ref):
   toks, mask = _prompts()
-  out = sampling.beam_search(PARAMS, CFG, toks, mask, beam_width=1, max_new_tokens=N, eos_id=None, pad_id=PAD)
+  out = sampling.beam_search(_params(), CFG, toks, mask, beam_width=1, max_new_tokens=N, eos_id=None, pad_id=PAD)
   ref_tokens, ref_logits = greedy_ref
   np.testing.assert_array_equal(np.asarray(out["tokens"]), ref_tokens)
   ref_lp = np.take_along_axis(_log_softmax(ref_logits), ref_tokens[..., None], -1)[..., 0]
   np.testing.assert_allclose(np.asarray(out["scores"]), ref_lp.sum(1) / N, atol=1e-4)  # length_penalty 1
   # With an EOS that greedy hits and length_penalty 0, the EOS hypothesis wins at once.
   eos = int(ref_tokens[0, 2])
-  out = sampling.beam_search(PARAMS, CFG, toks, mask, beam_width=1, max_new_tokens=N, eos_id=eos, pad_id=PAD,
+  out = sampling.beam_search(_params(), CFG, toks, mask, beam_width=1, max_new_tokens=N, eos_id=eos, pad_id=PAD,
                              length_penalty=0.0)
   greedy = _gen(greedy=True, eos_id=eos)
   np.testing.assert_array_equal(np.asarray(out["tokens"]), greedy["tokens"])
