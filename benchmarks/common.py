@@ -99,6 +99,48 @@ def peak_tflops(flag: float | None = None) -> float | None:
   return None
 
 
+# Memory bandwidth per chip (HBM), GB/s, from vendor spec sheets: the decode roofline's denominator.
+HBM_GBS = {
+    "h100 pcie": 2000.0,
+    "h100": 3350.0,    # H100 SXM
+    "h200": 4800.0,
+    "a100": 2039.0,    # A100 80GB SXM
+    "tpu v4": 1200.0,
+    "tpu v5p": 2765.0,
+    "tpu v5 lite": 819.0,
+    "tpu v6 lite": 1640.0,
+}
+
+
+def memory_gbs(flag: float | None = None) -> float | None:
+  """--mem_gbs, else the HBM_GBS entry matching jax.devices()[0].device_kind, else None (CPU: pass the rate
+  `benchmarks.cpu_limits`' stream test measures)."""
+  if flag:
+    return float(flag)
+  import jax
+  kind = jax.devices()[0].device_kind.lower()
+  for name, gbs in HBM_GBS.items():   # "h100 pcie" before "h100"
+    if name in kind:
+      return gbs
+  return None
+
+
+def decode_step_bytes(params, cfg, batch: int, context: float) -> dict:
+  """Bytes one decode step must read at least: every weight the step multiplies by, as stored (the unembedding
+  in full; of the position table and an untied input embedding only `batch` rows, not counted), plus the K/V
+  cache of `context` filled slots per row (all layers, compute dtype). Our cache is a static window the step
+  reads in full, so this is the ideal, not our implementation's count.
+
+  Returns {"weights": int, "kv_cache": int, "total": int}.
+  """
+  import jax
+  import numpy as np
+  skip = {"wpe"} | (set() if cfg.tie_embeddings else {"wte"})
+  weights = sum(int(x.nbytes) for k, v in params.items() if k not in skip for x in jax.tree.leaves(v))
+  kv = int(round(2 * cfg.n_layer * batch * cfg.kv_heads * context * cfg.d_head * np.dtype(cfg.compute_dtype).itemsize))
+  return {"weights": weights, "kv_cache": kv, "total": weights + kv}
+
+
 def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None, n_devices: int = 1) -> float | None:
   """Model FLOPs utilisation: achieved model FLOP/s over n_devices x peak (None without a peak)."""
   if not peak:

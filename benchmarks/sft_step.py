@@ -10,6 +10,7 @@ on the "response" tokens only, as in SFT), backward, global-norm clipping, AdamW
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 from benchmarks import common
 
@@ -59,8 +60,14 @@ def make_ours(cfg, batch, seed=0, devices=None):
   return run, params0
 
 
-def make_torch(cfg, params, batch):
+def make_torch(cfg, params, batch, autocast=None):
+  """autocast: None (float32), or "bfloat16"/"float16": torch.autocast's mixed precision, float32 master weights
+  and optimizer (the counterpart of our `dtype` with float32 params)."""
   torch = torch_ref.torch_setup()
+
+  def ctx():
+    return torch.autocast("cpu", dtype=getattr(torch, autocast)) if autocast else contextlib.nullcontext()
+
   model = torch_ref.hf_model(cfg, params)
   model.train()
   opt = torch_ref.adamw(model, lr=1e-4)
@@ -68,8 +75,9 @@ def make_torch(cfg, params, batch):
 
   def run():
     opt.zero_grad(set_to_none=True)
-    logits = model(input_ids=tb["tokens"]).logits
-    loss = torch_ref.masked_lm_loss(logits, tb["targets"], tb["mask"])
+    with ctx():
+      logits = model(input_ids=tb["tokens"]).logits
+      loss = torch_ref.masked_lm_loss(logits, tb["targets"], tb["mask"])
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
@@ -82,7 +90,9 @@ def main(argv=None):
   p.add_argument("--preset", default="mini")
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq", type=int, default=128)
-  p.add_argument("--dtype", default="float32", help="our compute dtype (the torch side stays float32)")
+  p.add_argument("--dtype", default="float32", help="our compute dtype (float32 master weights)")
+  p.add_argument("--torch_dtype", default="float32",
+                 help="the torch side's compute dtype: float32, or bfloat16 / float16 under torch.autocast")
   p.add_argument("--remat", default="auto", help="auto (per backend: none on CPU, dots elsewhere) | none | dots | full")
   p.add_argument("--scan_layers", type=int, default=-1,
                  help="-1: per backend (unrolled on CPU, scanned elsewhere), 1: lax.scan over blocks, 0: unrolled")
@@ -92,7 +102,7 @@ def main(argv=None):
                    scan_layers=None if args.scan_layers < 0 else bool(args.scan_layers))
   batch = sft_batch(cfg, args.batch, args.seq, args.seed)
   ours, params0 = make_ours(cfg, batch, args.seed)
-  theirs, _ = make_torch(cfg, params0, batch)
+  theirs, _ = make_torch(cfg, params0, batch, None if args.torch_dtype == "float32" else args.torch_dtype)
   timing = common.time_calls({"ours": ours, "torch": theirs}, args.repeats, args.warmup)
   # Same weights and batch: the first losses must agree (the same computation on both sides).
   first = {name: t["first_result"] for name, t in timing.items()}
@@ -110,7 +120,7 @@ def main(argv=None):
   common.print_table(rows, ["impl", "median_step_s", "cpu_step_s", "min_step_s", "tokens_per_s", "model_tflops",
                             "mfu", "compile_s", "first_loss"],
                      f"SFT step: {args.preset} ({cfg.num_params() / 1e6:.2f}M params), batch {args.batch} x "
-                     f"seq {args.seq}, {args.dtype}, remat={cfg.resolved_remat()}, scan_layers={cfg.resolved_scan_layers()}, "
+                     f"seq {args.seq}, ours {args.dtype} / torch {args.torch_dtype}, remat={cfg.resolved_remat()}, scan_layers={cfg.resolved_scan_layers()}, "
                      f"threads={args.threads or 'all'}")
   print(common.verdict_line(verdict, "SFT step"))
   print(f"peak device memory: {common.fmt(common.peak_memory_bytes())}")

@@ -65,6 +65,26 @@ def test_dense_custom_vjp_matches_autodiff(shape):
   _close(fast[1](g), ref[1](g))
 
 
+@pytest.mark.parametrize("shape", [(64, 48), (2, 40, 48)])
+def test_dense_in_bfloat16_accumulates_in_float32(shape):
+  """bf16 compute: the forward and both gradients are the float32 products of the bf16-rounded operands (exact in
+  float32) summed in float32, then rounded, so they equal a float64 reference up to f32 summation order; the
+  weight gradient through its row-major x^T on CPU included. The weight gradient comes back in w's float32."""
+  kx, kw, kg = jax.random.split(jax.random.PRNGKey(5), 3)
+  x = jax.random.normal(kx, shape).astype(jnp.bfloat16)
+  w = jax.random.normal(kw, (48, 24))                      # float32 master weights
+  g = jax.random.normal(kg, shape[:-1] + (24,)).astype(jnp.bfloat16)
+  y, vjp = jax.jit(lambda a, b: jax.vjp(layers.dense, a, b))(x, w)
+  dx, dw = jax.jit(vjp)(g)
+  assert (y.dtype, dx.dtype, dw.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
+  x64, w64, g64 = (np.asarray(v, np.float64) for v in (x, w.astype(jnp.bfloat16), g))
+  ref_y, ref_dx = x64 @ w64, g64 @ w64.T
+  ref_dw = x64.reshape(-1, 48).T @ g64.reshape(-1, 24)
+  np.testing.assert_allclose(np.asarray(dw), ref_dw, rtol=1e-5, atol=1e-5 * np.abs(ref_dw).max())
+  for got, ref in ((y, ref_y), (dx, ref_dx)):   # rounded once to bf16 (8 bits of mantissa)
+    np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=2 ** -8, atol=2 ** -8 * np.abs(ref).max())
+
+
 def test_dense_nd_matches_einsum_for_attention_kernels():
   x = jax.random.normal(jax.random.PRNGKey(3), (2, 4, 3, 5))     # [B,T,H,Dh]
   w = jax.random.normal(jax.random.PRNGKey(4), (3, 5, 6))        # [H,Dh,D]

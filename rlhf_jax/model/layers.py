@@ -96,11 +96,20 @@ rms_norm.defvjp(_rms_fwd, _rms_bwd)
 # which misses its fast matmul path (45 vs 142 GFLOP/s measured, benchmarks/RESULTS.md). The
 # hand-written VJP states the weight gradient as one dot contracting the token axis of x and g
 # (the "TN" form every backend runs at full speed); the input gradient is g @ w^T.
+# In bf16/f16 every dot accumulates and returns float32 (then rounds to x.dtype): a 16-bit-output dot is
+# converted to f32 by XLA:CPU, while bf16 operands with an f32 result run on its YNNPACK kernels, which use
+# AMX / AVX512-BF16 where the CPU has them (~820 vs ~120 GFLOP/s on one AMX core, benchmarks/RESULTS.md).
+# Those kernels take the weight gradient's token contraction only from a row-major x^T, so on CPU, in
+# 16-bit compute, x^T is materialised first (a copy of the activations; 430-600 vs 80-120 GFLOP/s with it).
 @jax.custom_vjp
 def dense(x, w):
   """x [..., K] @ w [K, N] -> [..., N] in x.dtype (w is cast to x.dtype: f32 master weights,
-  bf16/f16 compute). The weight gradient comes back in w's dtype."""
-  return jax.lax.dot_general(x, w.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())))
+  bf16/f16 compute; the dot accumulates in float32). The weight gradient comes back in w's dtype."""
+  return _dot(x, w.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ()))).astype(x.dtype)
+
+
+def _dot(a, b, dims):
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
 def _dense_fwd(x, w):
@@ -110,9 +119,13 @@ def _dense_fwd(x, w):
 def _dense_bwd(res, g):
   x, w = res
   k, n = w.shape
-  dx = jax.lax.dot_general(g, w.astype(g.dtype), (((g.ndim - 1,), (1,)), ((), ())))
-  dw = jax.lax.dot_general(x.reshape(-1, k), g.reshape(-1, n), (((0,), (0,)), ((), ())),
-                           preferred_element_type=jnp.float32)
+  dx = _dot(g, w.astype(g.dtype), (((g.ndim - 1,), (1,)), ((), ())))
+  x2, g2 = x.reshape(-1, k), g.reshape(-1, n)
+  if x.dtype.itemsize < 4 and jax.default_backend() == "cpu":
+    from jax.experimental.layout import Layout, with_layout_constraint  # noqa: PLC0415
+    dw = _dot(with_layout_constraint(x2.T, Layout((0, 1))), g2, (((1,), (0,)), ((), ())))   # [K,T] row-major
+  else:
+    dw = _dot(x2, g2, (((0,), (0,)), ((), ())))
   return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
@@ -197,7 +210,7 @@ def attention(q, k, v, mask, dropout_rate=0.0, key=None):
   scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1)
   probs = dropout(probs, dropout_rate, key).astype(v.dtype)
-  out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
+  out = jnp.einsum("bkgts,bksd->bkgtd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
   return out.reshape(b, h, t, dh)
 
 
