@@ -87,16 +87,18 @@ def add_common_flags(p: argparse.ArgumentParser, repeats: int = 5, warmup: int =
   p.add_argument("--seed", type=int, default=0)
 
 
-def peak_tflops(flag: float | None = None) -> float | None:
-  """--peak_tflops, else the table entry matching jax.devices()[0].device_kind, else None (e.g. CPU)."""
+def _by_device_kind(table: dict[str, float], flag: float | None) -> float | None:
+  """flag, else the first table entry whose name is in jax.devices()[0].device_kind, else None (e.g. CPU)."""
   if flag:
     return float(flag)
   import jax
   kind = jax.devices()[0].device_kind.lower()
-  for name, peak in PEAK_TFLOPS.items():
-    if name in kind:
-      return peak
-  return None
+  return next((value for name, value in table.items() if name in kind), None)
+
+
+def peak_tflops(flag: float | None = None) -> float | None:
+  """--peak_tflops, else the PEAK_TFLOPS entry of this device kind, else None (e.g. CPU)."""
+  return _by_device_kind(PEAK_TFLOPS, flag)
 
 
 # Memory bandwidth per chip (HBM), GB/s, from vendor spec sheets: the decode roofline's denominator.
@@ -113,16 +115,9 @@ HBM_GBS = {
 
 
 def memory_gbs(flag: float | None = None) -> float | None:
-  """--mem_gbs, else the HBM_GBS entry matching jax.devices()[0].device_kind, else None (CPU: pass the rate
-  `benchmarks.cpu_limits`' stream test measures)."""
-  if flag:
-    return float(flag)
-  import jax
-  kind = jax.devices()[0].device_kind.lower()
-  for name, gbs in HBM_GBS.items():   # "h100 pcie" before "h100"
-    if name in kind:
-      return gbs
-  return None
+  """--mem_gbs, else the HBM_GBS entry of this device kind ("h100 pcie" is listed before "h100"), else None
+  (CPU: pass the rate `benchmarks.cpu_limits`' stream test measures)."""
+  return _by_device_kind(HBM_GBS, flag)
 
 
 def decode_step_bytes(params, cfg, batch: int, context: float) -> dict:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental.layout import Layout, with_layout_constraint
 
 from rlhf_jax import parallel
 from rlhf_jax.model.config import GPTConfig
@@ -122,7 +123,6 @@ def _dense_bwd(res, g):
   dx = _dot(g, w.astype(g.dtype), (((g.ndim - 1,), (1,)), ((), ())))
   x2, g2 = x.reshape(-1, k), g.reshape(-1, n)
   if x.dtype.itemsize < 4 and jax.default_backend() == "cpu":
-    from jax.experimental.layout import Layout, with_layout_constraint  # noqa: PLC0415
     dw = _dot(with_layout_constraint(x2.T, Layout((0, 1))), g2, (((1,), (0,)), ((), ())))   # [K,T] row-major
   else:
     dw = _dot(x2, g2, (((0,), (0,)), ((), ())))
