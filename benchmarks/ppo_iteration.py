@@ -45,6 +45,9 @@ def add_flags(p):
   p.add_argument("--num_minibatches", type=int, default=4)
   p.add_argument("--lr", type=float, default=1e-5)
   p.add_argument("--kl_coef", type=float, default=0.05)
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="compute dtype on both sides, float32 master weights: ours GPTConfig.dtype, TRL bf16=True "
+                      "(accelerate's torch.autocast)")
   p.add_argument("--side", choices=("both", "ours", "trl"), default="both")
   p.add_argument("--trl_python", default="/tmp/trlvenv/bin/python")
   p.add_argument("--model_dir", default=None, help="(internal) HF weights written by the parent")
@@ -151,7 +154,7 @@ def run_trl(args):
         local_rollout_forward_batch_size=args.batch, num_sample_generations=0,
         response_length=args.new_tokens, stop_token=None, temperature=1.0, kl_coef=args.kl_coef,
         missing_eos_penalty=None, whiten_rewards=False, report_to="none", save_strategy="no",
-        logging_steps=10**6, use_cpu=True, bf16=False, fp16=False, seed=args.seed, disable_tqdm=True,
+        logging_steps=10**6, use_cpu=True, bf16=args.dtype == "bfloat16", fp16=False, seed=args.seed, disable_tqdm=True,
         dataloader_num_workers=0)
 
     marks = []
@@ -191,7 +194,7 @@ def main(argv=None):
             f"benchmarks/RESULTS.md, 'Regenerating'); or pass --side ours")
 
   from rlhf_jax.model import gpt
-  cfg = gpt.preset(args.preset, dropout=0.0)
+  cfg = gpt.preset(args.preset, dropout=0.0, dtype=args.dtype)
   models = make_models(cfg, args.seed)
   timing, trl_error = {}, None
   if args.side in ("both", "ours"):
@@ -200,8 +203,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as d:
       save_hf_models(cfg, models, d)
       out = os.path.join(d, "trl.json")
-      same = ["batch", "prompt_len", "new_tokens", "ppo_epochs", "num_minibatches", "lr", "kl_coef", "repeats",
-              "warmup", "seed", "threads"]
+      same = ["batch", "prompt_len", "new_tokens", "ppo_epochs", "num_minibatches", "lr", "kl_coef", "dtype",
+              "repeats", "warmup", "seed", "threads"]
       cmd = [args.trl_python, "-m", "benchmarks.ppo_iteration", "--side", "trl", "--model_dir", d,
              "--json_out", out] + [f"--{k}={getattr(args, k)}" for k in same]
       env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "PYTHONPATH": str(common.RESULTS_DIR.parents[1])}
@@ -223,7 +226,7 @@ def main(argv=None):
                             "first_iter_s", "compile_s"],
                      f"PPO iteration: {args.preset} x 4 models ({cfg.num_params() / 1e6:.2f}M params each), "
                      f"{args.batch} prompts x {args.prompt_len} + {args.new_tokens} new tokens, {args.ppo_epochs} "
-                     f"epochs x {args.num_minibatches} minibatches, float32, threads={args.threads or 'all'}")
+                     f"epochs x {args.num_minibatches} minibatches, {args.dtype}, threads={args.threads or 'all'}")
   verdict = None
   if "ours" in timing and "trl" in timing:
     verdict = common.speedup_verdict(timing, "ours", "trl", TARGET)

@@ -208,8 +208,9 @@ def forward(params: Params, config, tokens, attention_mask=None, positions=None,
   else:
     if per_layer:
       kvs = (list(kvs[0]), list(kvs[1]))
+    per_block = blocks if split_blocks else unstack_layers(blocks, cfg.n_layer)
     for i in range(cfg.n_layer):
-      bp = blocks[i] if split_blocks else jax.tree.map(lambda y: y[i], blocks)
+      bp = per_block[i]
       key = None if layer_keys is None else layer_keys[i]
       if per_layer:
         (x, (kvs[0][i], kvs[1][i])), _ = body((x, (kvs[0][i], kvs[1][i])), (bp, key, None))
@@ -241,8 +242,18 @@ def decode_params(params: Params, config) -> Params:
     return params
   blocks = params["blocks"]
   n = jax.tree.leaves(blocks)[0].shape[0]
-  return {**params, "blocks": tuple(jax.tree.map(lambda y: y[i], blocks) for i in range(n)),
+  return {**params, "blocks": unstack_layers(blocks, n),
           "unembed_t": jnp.transpose(unembedding_table(params, config))}
+
+
+def unstack_layers(blocks, n: int) -> tuple:
+  """Stacked [L,...] block params -> a tuple of L per-layer trees, by one `split` per leaf.
+
+  Its transpose is one concatenate per leaf, where L indexing slices (`y[i]`) transpose to L
+  zero-padded [L,...] buffers summed: in an unrolled train step on CPU those pads and adds cost
+  more than the step's elementwise math, and XLA fuses them again into each Adam consumer."""
+  parts = jax.tree.map(lambda y: tuple(p[0] for p in jnp.split(y, n, axis=0)), blocks)
+  return tuple(jax.tree.map(lambda _, t: t[i], blocks, parts) for i in range(n))
 
 
 def unstack_cache(cache):
