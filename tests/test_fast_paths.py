@@ -85,6 +85,23 @@ def test_dense_in_bfloat16_accumulates_in_float32(shape):
     np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=2 ** -8, atol=2 ** -8 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_add_bias_gradient_is_the_float32_sum_over_leading_axes(dtype):
+  """add_bias: y + b in y's dtype; the bias gradient (a ones-vector dot in 16-bit compute) is the float32 sum of the
+  cotangent over every leading axis, and the cotangent passes through to y unchanged."""
+  ky, kb, kg = jax.random.split(jax.random.PRNGKey(6), 3)
+  y = jax.random.normal(ky, (3, 40, 2, 8)).astype(dtype)
+  b = jax.random.normal(kb, (2, 8))                       # float32 master bias [KV-style trailing shape]
+  g = jax.random.normal(kg, y.shape).astype(dtype)
+  out, vjp = jax.jit(lambda a, c: jax.vjp(layers.add_bias, a, c))(y, b)
+  dy, db = jax.jit(vjp)(g)
+  assert (out.dtype, dy.dtype, db.dtype) == (dtype, dtype, jnp.float32)
+  np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(y + b.astype(dtype), np.float32))
+  np.testing.assert_array_equal(np.asarray(dy, np.float32), np.asarray(g, np.float32))
+  ref = np.asarray(g, np.float64).reshape(-1, 16).sum(0).reshape(2, 8)
+  np.testing.assert_allclose(np.asarray(db), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
 def test_dense_nd_matches_einsum_for_attention_kernels():
   x = jax.random.normal(jax.random.PRNGKey(3), (2, 4, 3, 5))     # [B,T,H,Dh]
   w = jax.random.normal(jax.random.PRNGKey(4), (3, 5, 6))        # [H,Dh,D]

@@ -132,6 +132,34 @@ def _dense_bwd(res, g):
 dense.defvjp(_dense_fwd, _dense_bwd)
 
 
+def add_bias(y, b):
+  """y [..., *b.shape] + b cast to y.dtype. float32: the plain add (unchanged program). 16-bit y
+  (f32 master bias): the bias gradient is a float32 ones-vector dot over y's leading axes, where the
+  transpose of the broadcast (a bf16 reduce) is widened and rewritten by XLA:CPU into slow
+  reduce-windows inside the train step (~8x the dot's time, measured in the PPO iteration)."""
+  if jnp.dtype(y.dtype).itemsize >= 4:
+    return y + b.astype(y.dtype)
+  return _add_bias16(y, b)
+
+
+@jax.custom_vjp
+def _add_bias16(y, b):
+  return y + b.astype(y.dtype)
+
+
+def _add_bias16_fwd(y, b):
+  return _add_bias16(y, b), b
+
+
+def _add_bias16_bwd(b, g):
+  g2 = g.reshape(-1, b.size)
+  db = _dot(jnp.ones((g2.shape[0],), g.dtype), g2, (((0,), (0,)), ((), ())))
+  return g, db.reshape(b.shape).astype(b.dtype)
+
+
+_add_bias16.defvjp(_add_bias16_fwd, _add_bias16_bwd)
+
+
 def dense_nd(x, w, n_in: int):
   """Dense over the last n_in axes of x with a kernel w [*in, *out] (e.g. q_kernel [D,H,Dh] with
   n_in=1, out_kernel [H,Dh,D] with n_in=2): flattens both sides, `dense`, then unflattens."""
@@ -282,12 +310,11 @@ class Attention(nnx.Module):
 
   def _project(self, x):
     """x [B,T,D] -> q [B,T,H,Dh], k, v [B,T,KV,Dh] (biases and q/k norms applied, no RoPE)."""
-    dt = x.dtype
     q = dense_nd(x, self.q_kernel[...], 1)     # [B,T,H,Dh]
     kv = dense_nd(x, self.kv_kernel[...], 1)   # [B,T,2,KV,Dh]
     if hasattr(self, "q_bias"):
-      q = q + self.q_bias[...].astype(dt)
-      kv = kv + self.kv_bias[...].astype(dt)
+      q = add_bias(q, self.q_bias[...])
+      kv = add_bias(kv, self.kv_bias[...])
     k, v = kv[:, :, 0], kv[:, :, 1]
     if hasattr(self, "q_norm"):
       q, k = self.q_norm(q), self.k_norm(k)
@@ -324,7 +351,7 @@ class Attention(nnx.Module):
     out = attention(q, k.astype(dt), v.astype(dt), mask, self.rate, keys[0])   # [B,H,T,Dh]
     y = dense_nd(head_major(out), self.out_kernel[...], 2)
     if hasattr(self, "out_bias"):
-      y = y + self.out_bias[...].astype(dt)
+      y = add_bias(y, self.out_bias[...])
     return dropout(y, self.rate, keys[1]), kv
 
 
@@ -350,10 +377,9 @@ class MLP(nnx.Module):
     self.rate = cfg.dropout
 
   def _linear(self, x, name):
-    dt = x.dtype
     y = dense(x, getattr(self, name + "_kernel")[...])
     if hasattr(self, name + "_bias"):
-      y = y + getattr(self, name + "_bias")[...].astype(dt)
+      y = add_bias(y, getattr(self, name + "_bias")[...])
     return y
 
   def __call__(self, x, key=None):
