@@ -136,6 +136,17 @@ def decode_step_bytes(params, cfg, batch: int, context: float) -> dict:
   return {"weights": weights, "kv_cache": kv, "total": weights + kv}
 
 
+def dot_gflops(dtype: str = "float32", n: int = 1024, repeats: int = 10) -> float:
+  """This device's rate for one jitted [n,n] x [n,n] dot with `dtype` operands and a float32 result (the form
+  `layers.dense` uses), GFLOP/s, median of `repeats` calls: the denominator of a matmul-bound floor."""
+  import jax
+  import jax.numpy as jnp
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x, y: jax.lax.dot(x, y, preferred_element_type=jnp.float32))
+  t = time_calls({"dot": lambda: f(a, a).block_until_ready()}, repeats, 1)["dot"]
+  return 2 * n ** 3 / t["median_s"] / 1e9
+
+
 def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None, n_devices: int = 1) -> float | None:
   """Model FLOPs utilisation: achieved model FLOP/s over n_devices x peak (None without a peak)."""
   if not peak:

@@ -120,6 +120,26 @@ def save_hf_models(cfg, models, directory):
     m.save_pretrained(os.path.join(directory, "reward" if name == "score" else "value"))
 
 
+def iteration_matmul_flops(cfg, batch: int, prompt_len: int, new_tokens: int, epochs: int) -> dict:
+  """Matmul FLOPs of one iteration as both sides run it (attention included, elementwise work not), by phase.
+
+  T = prompt_len + new_tokens, n = batch * T tokens, trunk = the matmul params without the unembedding,
+  per-token forward = 2 trunk + 4 L T H Dh (attention, as `GPTConfig.flops_per_token`), backward = 2 x forward.
+  sample: every token through the policy once, the unembedding on the new ones; score: reference (+ its
+  unembedding on the response), value and reward trunks; update: `epochs` passes over all rows of policy
+  (unembedding on the response) and value, forward + backward. The scalar heads are left out.
+  """
+  t = prompt_len + new_tokens
+  n, resp = batch * t, batch * new_tokens
+  attn = 4.0 * cfg.n_layer * t * cfg.n_head * cfg.d_head
+  unembed = 2.0 * cfg.vocab_size * cfg.d_model
+  fwd = (cfg.flops_per_token(t) - 3 * attn) / 3 - unembed + attn   # 2 trunk + attention, per token
+  out = {"sample": n * fwd + resp * unembed, "score": 3 * n * fwd + resp * unembed,
+         "update": epochs * 3 * (2 * n * fwd + resp * unembed)}
+  out["total"] = sum(out.values())
+  return out
+
+
 # ------------------------------------------------------------------------- TRL side
 def run_trl(args):
   """Runs in the TRL interpreter: PPOTrainer.train() over warmup + repeats iterations."""
@@ -180,6 +200,23 @@ def run_trl(args):
     json.dump(result, f)
 
 
+def matmul_floor(args, cfg, timing) -> dict:
+  """The iteration's matmul FLOPs at this core's large-dot rate (`common.dot_gflops` in the compute dtype): the
+  time neither side can beat, and the speed-up over the reference it would allow."""
+  flops = iteration_matmul_flops(cfg, args.batch, args.prompt_len, args.new_tokens, args.ppo_epochs)
+  gflops = common.dot_gflops(args.dtype)
+  floor = {"flops": flops, "dot_gflops": gflops, "floor_s": flops["total"] / gflops / 1e9}
+  for name, t in timing.items():
+    floor[f"{name}_over_floor"] = t["cpu_median_s"] / floor["floor_s"]
+  if "trl" in timing:
+    floor["max_speedup_over_trl"] = timing["trl"]["cpu_median_s"] / floor["floor_s"]
+  print(f"matmul floor: {flops['total'] / 1e9:.1f} GFLOP (sample {flops['sample'] / 1e9:.2f}, score "
+        f"{flops['score'] / 1e9:.2f}, update {flops['update'] / 1e9:.1f}) at {gflops:.0f} GFLOP/s ({args.dtype} "
+        f"[1024]^3 dot, this core) = {floor['floor_s']:.3f} s; " +
+        ", ".join(f"{k} {v:.2f}x" for k, v in floor.items() if k.endswith(("_over_floor", "_over_trl"))))
+  return floor
+
+
 # ------------------------------------------------------------------------- driver
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -231,8 +268,10 @@ def main(argv=None):
   if "ours" in timing and "trl" in timing:
     verdict = common.speedup_verdict(timing, "ours", "trl", TARGET)
     print(common.verdict_line(verdict, "PPO iteration"))
+  floor = matmul_floor(args, cfg, timing)
   common.write_json("ppo_iteration", {"machine": common.machine_info(), "args": vars(args), "model": cfg.__dict__,
-                                      "rows": rows, "timing": timing, "verdict": verdict, "trl_error": trl_error,
+                                      "rows": rows, "timing": timing, "verdict": verdict, "matmul_floor": floor,
+                                      "trl_error": trl_error,
                                       "peak_memory_bytes": common.peak_memory_bytes()}, args.out)
 
 
