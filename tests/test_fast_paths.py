@@ -102,6 +102,19 @@ def test_add_bias_gradient_is_the_float32_sum_over_leading_axes(dtype):
   np.testing.assert_allclose(np.asarray(db), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+def test_softmax_last_matches_jax_softmax_and_its_gradient():
+  """The attention softmax's written-out backward equals autodiff of jax.nn.softmax (masked entries and a fully
+  masked row included); the forward is the same computation."""
+  x = jax.random.normal(jax.random.PRNGKey(7), (2, 3, 5, 9)) * 4
+  mask = jnp.tril(jnp.ones((5, 9), bool), 4).at[0].set(False)
+  x = jnp.where(mask, x, layers.NEG_INF)
+  g = jax.random.normal(jax.random.PRNGKey(8), x.shape)
+  p, vjp = jax.vjp(layers.softmax_last, x)
+  ref, ref_vjp = jax.vjp(lambda a: jax.nn.softmax(a, axis=-1), x)
+  np.testing.assert_allclose(np.asarray(p), np.asarray(ref), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(vjp(g)[0]), np.asarray(ref_vjp(g)[0]), rtol=1e-5, atol=1e-6)
+
+
 def test_dense_nd_matches_einsum_for_attention_kernels():
   x = jax.random.normal(jax.random.PRNGKey(3), (2, 4, 3, 5))     # [B,T,H,Dh]
   w = jax.random.normal(jax.random.PRNGKey(4), (3, 5, 6))        # [H,Dh,D]
