@@ -208,7 +208,7 @@ def forward(params: Params, config, tokens, attention_mask=None, positions=None,
   else:
     if per_layer:
       kvs = (list(kvs[0]), list(kvs[1]))
-    per_block = blocks if split_blocks else unstack_layers(blocks, cfg.n_layer)
+    per_block = blocks if split_blocks else unstack_layers(blocks)
     for i in range(cfg.n_layer):
       bp = per_block[i]
       key = None if layer_keys is None else layer_keys[i]
@@ -240,20 +240,20 @@ def decode_params(params: Params, config) -> Params:
   runs split blocks unrolled; `unembed` uses "unembed_t" when present. Idempotent."""
   if isinstance(params["blocks"], (list, tuple)):
     return params
-  blocks = params["blocks"]
-  n = jax.tree.leaves(blocks)[0].shape[0]
-  return {**params, "blocks": unstack_layers(blocks, n),
+  return {**params, "blocks": unstack_layers(params["blocks"]),
           "unembed_t": jnp.transpose(unembedding_table(params, config))}
 
 
-def unstack_layers(blocks, n: int) -> tuple:
+def unstack_layers(blocks) -> tuple:
   """Stacked [L,...] block params -> a tuple of L per-layer trees, by one `split` per leaf.
 
   Its transpose is one concatenate per leaf, where L indexing slices (`y[i]`) transpose to L
   zero-padded [L,...] buffers summed: in an unrolled train step on CPU those pads and adds cost
   more than the step's elementwise math, and XLA fuses them again into each Adam consumer."""
-  parts = jax.tree.map(lambda y: tuple(p[0] for p in jnp.split(y, n, axis=0)), blocks)
-  return tuple(jax.tree.map(lambda _, t: t[i], blocks, parts) for i in range(n))
+  leaves, treedef = jax.tree.flatten(blocks)
+  n = leaves[0].shape[0]
+  parts = [jnp.split(leaf, n, axis=0) for leaf in leaves]
+  return tuple(treedef.unflatten([p[i][0] for p in parts]) for i in range(n))
 
 
 def unstack_cache(cache):

@@ -135,8 +135,8 @@ dense.defvjp(_dense_fwd, _dense_bwd)
 def add_bias(y, b):
   """y [..., *b.shape] + b cast to y.dtype. float32: the plain add (unchanged program). 16-bit y
   (f32 master bias): the bias gradient is a float32 ones-vector dot over y's leading axes, where the
-  transpose of the broadcast (a bf16 reduce) is widened and rewritten by XLA:CPU into slow
-  reduce-windows inside the train step (~8x the dot's time, measured in the PPO iteration)."""
+  transpose of the broadcast (a bf16 reduce, rounded to bf16) is widened and rewritten by XLA:CPU into
+  slow reduce-windows inside the train step (130 ms of the bf16 PPO iteration, benchmarks/RESULTS.md)."""
   if jnp.dtype(y.dtype).itemsize >= 4:
     return y + b.astype(y.dtype)
   return _add_bias16(y, b)
