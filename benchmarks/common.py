@@ -147,6 +147,25 @@ def dot_gflops(dtype: str = "float32", n: int = 1024, repeats: int = 10) -> floa
   return 2 * n ** 3 / t["median_s"] / 1e9
 
 
+def matmul_floor(flops: float, dtype: str, timing: dict, reference: str | None = None) -> dict:
+  """`flops` of matmul work at this core's large-dot rate (`dot_gflops(dtype)`): the time no implementation of it
+  can beat on this device, each timed side's CPU time over it, and the speed-up over `reference` that the floor
+  would allow (`max_speedup_over_<reference>`). `timing`: `time_calls`' result."""
+  gflops = dot_gflops(dtype)
+  out = {"flops": flops, "dot_gflops": gflops, "floor_s": flops / gflops / 1e9}
+  for name, t in timing.items():
+    out[f"{name}_over_floor"] = t["cpu_median_s"] / out["floor_s"]
+  if reference in timing:
+    out[f"max_speedup_over_{reference}"] = timing[reference]["cpu_median_s"] / out["floor_s"]
+  return out
+
+
+def floor_line(floor: dict, dtype: str) -> str:
+  return (f"{floor['flops'] / 1e9:.1f} GFLOP at {floor['dot_gflops']:.0f} GFLOP/s ({dtype} [1024]^3 dot, this core) "
+          f"= {floor['floor_s']:.3f} s; " +
+          ", ".join(f"{k} {v:.2f}x" for k, v in floor.items() if k.endswith("_over_floor") or k.startswith("max_")))
+
+
 def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None, n_devices: int = 1) -> float | None:
   """Model FLOPs utilisation: achieved model FLOP/s over n_devices x peak (None without a peak)."""
   if not peak:

@@ -71,7 +71,9 @@ def make_models(cfg, seed):
           "score": heads.init(cfg, k[2])}
 
 
-def run_ours(args, cfg, models):
+def make_ours(args, cfg, models):
+  """A zero-arg callable that runs one jitted PPO iteration and returns its metrics (blocking); `.lower()` lowers
+  that iteration (for benchmarks.xla_profile)."""
   import jax
   import ml_collections as mlc
   import numpy as np
@@ -101,7 +103,12 @@ def run_ours(args, cfg, models):
   def one():
     box["state"], m = step(box["state"], batch)
     return {k: float(v) for k, v in jax.device_get(m).items()}   # blocks
-  return common.time_calls({"ours": one}, args.repeats, args.warmup)["ours"]
+  one.lower = lambda: step.lower(box["state"], batch)
+  return one
+
+
+def run_ours(args, cfg, models):
+  return common.time_calls({"ours": make_ours(args, cfg, models)}, args.repeats, args.warmup)["ours"]
 
 
 def save_hf_models(cfg, models, directory):
@@ -201,19 +208,12 @@ def run_trl(args):
 
 
 def matmul_floor(args, cfg, timing) -> dict:
-  """The iteration's matmul FLOPs at this core's large-dot rate (`common.dot_gflops` in the compute dtype): the
-  time neither side can beat, and the speed-up over the reference it would allow."""
+  """The iteration's matmul FLOPs at this core's large-dot rate (`common.matmul_floor`, compute dtype): the time
+  neither side can beat, and the speed-up over TRL it would allow."""
   flops = iteration_matmul_flops(cfg, args.batch, args.prompt_len, args.new_tokens, args.ppo_epochs)
-  gflops = common.dot_gflops(args.dtype)
-  floor = {"flops": flops, "dot_gflops": gflops, "floor_s": flops["total"] / gflops / 1e9}
-  for name, t in timing.items():
-    floor[f"{name}_over_floor"] = t["cpu_median_s"] / floor["floor_s"]
-  if "trl" in timing:
-    floor["max_speedup_over_trl"] = timing["trl"]["cpu_median_s"] / floor["floor_s"]
-  print(f"matmul floor: {flops['total'] / 1e9:.1f} GFLOP (sample {flops['sample'] / 1e9:.2f}, score "
-        f"{flops['score'] / 1e9:.2f}, update {flops['update'] / 1e9:.1f}) at {gflops:.0f} GFLOP/s ({args.dtype} "
-        f"[1024]^3 dot, this core) = {floor['floor_s']:.3f} s; " +
-        ", ".join(f"{k} {v:.2f}x" for k, v in floor.items() if k.endswith(("_over_floor", "_over_trl"))))
+  floor = {"by_phase": flops, **common.matmul_floor(flops["total"], args.dtype, timing, "trl")}
+  print(f"matmul floor (sample {flops['sample'] / 1e9:.2f}, score {flops['score'] / 1e9:.2f}, update "
+        f"{flops['update'] / 1e9:.1f} GFLOP): " + common.floor_line(floor, args.dtype))
   return floor
 
 

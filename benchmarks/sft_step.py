@@ -44,7 +44,7 @@ def optim_config(lr=1e-4):
 
 def make_ours(cfg, batch, seed=0, devices=None):
   """(step_fn, initial params): step_fn() runs one jitted train step (data-parallel over
-  `devices`, default one device) and returns the loss (blocking)."""
+  `devices`, default one device) and returns the loss (blocking); step_fn.lower() lowers that step."""
   mesh = parallel.make_mesh(None, devices or jax.devices()[:1])
   opt = state_lib.make_optimizer(optim_config())
   state, shardings = state_lib.create_state(lambda r: gpt.init(cfg, r), opt, mesh, gpt.param_axes(cfg),
@@ -57,6 +57,7 @@ def make_ours(cfg, batch, seed=0, devices=None):
   def run():
     box["state"], m = step(box["state"], sharded)
     return float(m["loss"])   # blocks
+  run.lower = lambda: step.lower(box["state"], sharded)   # for benchmarks.xla_profile
   return run, params0
 
 
@@ -123,9 +124,11 @@ def main(argv=None):
                      f"seq {args.seq}, ours {args.dtype} / torch {args.torch_dtype}, remat={cfg.resolved_remat()}, scan_layers={cfg.resolved_scan_layers()}, "
                      f"threads={args.threads or 'all'}")
   print(common.verdict_line(verdict, "SFT step"))
+  floor = common.matmul_floor(tokens * fpt, args.dtype, timing, "torch")   # 6N + attention per token: all matmuls
+  print("matmul floor: " + common.floor_line(floor, args.dtype))
   print(f"peak device memory: {common.fmt(common.peak_memory_bytes())}")
   common.write_json("sft_step", {"machine": common.machine_info(), "args": vars(args), "model": cfg.__dict__,
-                                 "flops_per_token": fpt, "rows": rows, "timing": timing, "verdict": verdict,
+                                 "flops_per_token": fpt, "rows": rows, "timing": timing, "verdict": verdict, "matmul_floor": floor,
                                  "peak_memory_bytes": common.peak_memory_bytes()}, args.out)
 
 

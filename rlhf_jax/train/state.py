@@ -178,16 +178,29 @@ def jit_step(step_fn, state_shardings, mesh, rules=parallel.DEFAULT_RULES, donat
   The state keeps `state_shardings`; every batch leaf is sharded on its leading
   (batch) axis (shardings are fixed from the first batch's structure); metrics
   come back replicated. The state buffer is donated. Tracing happens inside the
-  mesh's sharding context so model activations are pinned too.
+  mesh's sharding context so model activations are pinned too. The returned callable's
+  `.lower(state, batch)` gives the jitted step's `Lowered` (for its HLO, as benchmarks.xla_profile reads it).
   """
   cache = {}
 
-  def call(state, batch):
+  def jitted(batch):
     if "fn" not in cache:
       batch_shardings = jax.tree.map(lambda x: parallel.batch_sharding(mesh, x.ndim, rules), batch)
       cache["fn"] = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
                             out_shardings=(state_shardings, parallel.replicated(mesh)),
                             donate_argnums=(0,) if donate else ())
+    return cache["fn"]
+
+  def call(state, batch):
+    fn = jitted(batch)
     with parallel.sharding_context(mesh, rules):
-      return cache["fn"](state, batch)
+      return fn(state, batch)
+
+  def lower(state, batch):
+    """As `jax.jit(...).lower`: the step's `jax.stages.Lowered` for these arguments (nothing runs or is donated);
+    `.compile().as_text()` is the optimised HLO that a profile's op names refer to."""
+    fn = jitted(batch)
+    with parallel.sharding_context(mesh, rules):
+      return fn.lower(state, batch)
+  call.lower = lower
   return call
