@@ -6,9 +6,10 @@ decode step's weight reads get.
 dot:    a [n,n] x [n,n] matmul, float32 and bfloat16, jitted (XLA:CPU) and in torch; GFLOP/s, and
         whether XLA's optimised HLO converts the bf16 operands to f32 (then no bf16 instruction runs).
 stream: `steps` rounds of [8,256] x [256,1024] matmuls (a decode step's shape at batch 8) over a set
-        of distinct f32 weight matrices of 1, 4, 14 and 27 MB in one jitted loop; GB/s of weights
-        read. Once the set outgrows the caches, this is the rate a decode step reads its parameters at,
-        so parameter bytes / this rate bounds the step (benchmarks/RESULTS.md).
+        of distinct f32 weight matrices of 1, 4, 13 and 26 MB in one jitted loop; GB/s of weights
+        read: the rate XLA:CPU's small-batch matmuls get their weights at, from cache or memory.
+read:   GB/s of one jitted sum over 512 MB: the rate memory can be read at, so parameter + cache bytes /
+        this rate is a decode step's memory bound (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -42,24 +43,36 @@ def dot_rows(n: int, repeats: int, warmup: int) -> list[dict]:
 
 
 def stream_rows(repeats: int, warmup: int, steps: int = 64) -> list[dict]:
+  """Decode-shaped matmuls over `count` distinct weight buffers (separate arguments, as the decoder's per-layer
+  parameters are: slicing one stacked array inside the loop copies each slice and halves the rate)."""
   m, k, n = 8, 256, 1024
   rows = []
   for count in (1, 4, 13, 26):
-    ws = jnp.asarray(np.random.default_rng(0).standard_normal((count, k, n), np.float32))
+    ws = [jnp.asarray(np.random.default_rng(j).standard_normal((k, n), np.float32)) for j in range(count)]
     x = jnp.ones((m, k), jnp.float32)
 
     @jax.jit
-    def loop(x, ws, count=count):
+    def loop(x, ws):
       def body(_, c):
-        for j in range(count):
-          c = jnp.tanh(c @ ws[j])[:, :k] * 0.5 + c
+        for w in ws:
+          c = jnp.tanh(c @ w)[:, :k] * 0.5 + c
         return c
       return jax.lax.fori_loop(0, steps, body, x)
     t = common.time_calls({"xla": lambda: loop(x, ws).block_until_ready()}, repeats, warmup)["xla"]
     per_round = t["median_s"] / steps
-    rows.append({"test": "stream", "impl": "xla", "weights_mb": ws.nbytes / 1e6, "us_per_matmul": per_round / count * 1e6,
-                 "gb_per_s": ws.nbytes / per_round / 1e9})
+    mb = count * k * n * 4
+    rows.append({"test": "stream", "impl": "xla", "weights_mb": mb / 1e6, "us_per_matmul": per_round / count * 1e6,
+                 "gb_per_s": mb / per_round / 1e9})
   return rows
+
+
+def read_gbs(repeats: int, warmup: int, mb: int = 512) -> float:
+  """GB/s of one jitted sum over a float32 array of `mb` MB (far larger than the caches): the rate this core
+  reads memory sequentially, the denominator of a decode step's memory bound (`generate --mem_gbs`)."""
+  a = jnp.ones((mb * 2 ** 20 // 4,), jnp.float32)
+  f = jax.jit(jnp.sum)
+  t = common.time_calls({"xla": lambda: f(a).block_until_ready()}, repeats, warmup)["xla"]
+  return a.nbytes / t["median_s"] / 1e9
 
 
 def main(argv=None):
@@ -67,13 +80,17 @@ def main(argv=None):
   p.add_argument("--size", type=int, default=1024, help="n of the dot test's [n,n] x [n,n]")
   common.add_common_flags(p, repeats=20)
   args = p.parse_args(argv)
-  dots, streams = dot_rows(args.size, args.repeats, args.warmup), stream_rows(args.repeats, args.warmup)
+  # The XLA-only tests first: run after torch's dots, the stream test measured half its rate alone (torch's threads
+  # and allocations stay behind).
+  streams, read = stream_rows(args.repeats, args.warmup), read_gbs(args.repeats, args.warmup)
+  dots = dot_rows(args.size, args.repeats, args.warmup)
   common.print_table(dots, ["impl", "dtype", "n", "median_s", "gflops", "bf16_converted_to_f32"],
                      f"matmul throughput, threads={args.threads or 'all'}")
   common.print_table(streams, ["weights_mb", "us_per_matmul", "gb_per_s"],
                      "weight streaming: [8,256] x [256,1024] matmuls over distinct weights")
+  print(f"sequential read (jitted sum over 512 MB): {read:.1f} GB/s")
   common.write_json("cpu_limits", {"machine": common.machine_info(), "args": vars(args), "dot": dots,
-                                   "stream": streams}, args.out)
+                                   "stream": streams, "read_gb_per_s": read}, args.out)
 
 
 if __name__ == "__main__":
