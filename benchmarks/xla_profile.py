@@ -1,7 +1,8 @@
 """Where a jitted step's time goes on XLA:CPU: each HLO op's time from a `jax.profiler` trace, joined with the
 optimised HLO to say what the op is (a dot, a reduce, elementwise, a copy) and which jax op it came from.
 
-  python -m benchmarks.xla_profile --what sft --threads 1 [--preset mini --sft_batch 8 --seq 128]
+  python -m benchmarks.xla_profile --what sft --threads 1 [--preset mini --rows 8 --seq 128]
+  python -m benchmarks.xla_profile --what generate --threads 1 [--rows 8 --gen_prompt_len 32 --gen_new_tokens 64]
   python -m benchmarks.xla_profile --what ppo --threads 1 [--batch 16 --prompt_len 16 --new_tokens 24]
 
 The step runs `repeats` times under the profiler with `--xla_cpu_enable_xprof_traceme=true`, which makes XLA:CPU
@@ -144,8 +145,32 @@ def _sft(args):
   from rlhf_jax.model import gpt
   from benchmarks import sft_step
   cfg = gpt.preset(args.preset, dropout=0.0, dtype=args.dtype)
-  run, _ = sft_step.make_ours(cfg, sft_step.sft_batch(cfg, args.sft_batch, args.seq, args.seed), args.seed)
-  return run, f"SFT step, {args.preset}, {args.sft_batch} x {args.seq}, {args.dtype}"
+  run, _ = sft_step.make_ours(cfg, sft_step.sft_batch(cfg, args.rows, args.seq, args.seed), args.seed)
+  return run, f"SFT step, {args.preset}, {args.rows} x {args.seq}, {args.dtype}"
+
+
+def _generate(args):
+  """benchmarks.generate's sampling call (temperature 1, no EOS), and its jitted program's lowering."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from benchmarks import generate
+  from rlhf_jax import sampling
+  from rlhf_jax.model import gpt
+  cfg = gpt.preset(args.preset, dropout=0.0, dtype=args.dtype)
+  params = gpt.init(cfg, jax.random.PRNGKey(args.seed))
+  toks, mask = generate.prompts(cfg, args.rows, args.gen_prompt_len, args.seed)
+  key, n = jax.random.PRNGKey(args.seed + 1), args.gen_new_tokens
+  spec = sampling._make_spec(cfg, 0, 1.0, False, "xla_profile")   # what generate() passes for these settings
+  call = dict(max_new_tokens=n, temperature=1.0, eos_id=None, pad_id=generate.PAD)
+
+  def run():
+    return np.asarray(sampling.generate(params, cfg, toks, mask, key, **call)["tokens"])   # blocks
+  eos, pad = sampling._token_ids(cfg, None, generate.PAD, "xla_profile")
+  run.lower = lambda: sampling._generate_jit.lower(params, cfg, toks, mask, key, jnp.asarray(1.0, jnp.float32),
+                                                   eos, pad, max_new_tokens=n, spec=spec)
+  return run, (f"sampling, {args.preset}, {args.rows} prompts <= {args.gen_prompt_len}, {n} new tokens, "
+               f"{args.dtype} (one call: prefill + {n - 1} decode steps)")
 
 
 def _ppo(args):
@@ -160,13 +185,15 @@ def _ppo(args):
 def main(argv=None):
   from benchmarks import ppo_iteration
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--what", choices=("sft", "ppo"), default="sft")
+  p.add_argument("--what", choices=("sft", "generate", "ppo"), default="sft")
   p.add_argument("--top", type=int, default=25, help="ops listed, by time")
   p.add_argument("--seq", type=int, default=128, help="(sft) sequence length")
-  p.add_argument("--sft_batch", type=int, default=8, help="(sft) rows per step (--batch is the PPO rollout's)")
+  p.add_argument("--rows", type=int, default=8, help="(sft, generate) rows per call (--batch is the PPO rollout's)")
+  p.add_argument("--gen_prompt_len", type=int, default=32, help="(generate) prompt length")
+  p.add_argument("--gen_new_tokens", type=int, default=64, help="(generate) new tokens")
   ppo_iteration.add_flags(p)   # --preset, --batch, --dtype, the PPO shapes and the common flags
   args = p.parse_args(argv)
-  run, title = (_sft if args.what == "sft" else _ppo)(args)
+  run, title = {"sft": _sft, "generate": _generate, "ppo": _ppo}[args.what](args)
   hlo_text = run.lower().compile().as_text()
   res = profile(run, hlo_text, args.repeats)
   cats = [{"category": k, "ms_per_step": v, "share": v / res["ops_ms"]} for k, v in res["categories"].items()]
