@@ -161,6 +161,7 @@ def matmul_floor(flops: float, dtype: str, timing: dict, reference: str | None =
 
 
 def floor_line(floor: dict, dtype: str) -> str:
+  """One printed line for `matmul_floor`'s result."""
   return (f"{floor['flops'] / 1e9:.1f} GFLOP at {floor['dot_gflops']:.0f} GFLOP/s ({dtype} [1024]^3 dot, this core) "
           f"= {floor['floor_s']:.3f} s; " +
           ", ".join(f"{k} {v:.2f}x" for k, v in floor.items() if k.endswith("_over_floor") or k.startswith("max_")))

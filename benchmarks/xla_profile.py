@@ -76,6 +76,7 @@ def parse_hlo(text: str) -> dict[str, dict]:
 
 
 def category(name: str, hlo: dict) -> str:
+  """dot / reduce / copy / elementwise / other for the op `name` of `parse_hlo`'s result (see the module docstring)."""
   ins = hlo.get(name)
   if ins is None:
     return "other"
@@ -83,7 +84,7 @@ def category(name: str, hlo: dict) -> str:
     return "dot"
   if ins["opcode"] in _COPY_OPS:
     return "copy"
-  if ins["opcode"] == "fusion" or ins["opcode"] == "custom-call":
+  if ins["opcode"] in ("fusion", "custom-call"):
     ops = [op for comp in ins["calls"] for op, _ in hlo["__computations__"].get(comp, [])]
     if {"dot", "convolution"} & set(ops):
       return "dot"
@@ -111,7 +112,8 @@ def source_of(name: str, hlo: dict) -> str:
 
 def profile(run, hlo_text: str, repeats: int) -> dict:
   """Runs the blocking zero-arg `run` `repeats` times under the profiler; returns {"ops": [...], "categories": {...},
-  "step_ms": ...}, times in ms per call. `hlo_text`: the optimised HLO of the program `run` executes."""
+  "ops_ms": ..., "executor_ms": ...}, times in ms per call. `hlo_text`: the optimised HLO of the program `run`
+  executes (a ValueError if no traced op carries one of its names: then it is another program's)."""
   import jax
   hlo = parse_hlo(hlo_text)
   run()
@@ -132,6 +134,9 @@ def profile(run, hlo_text: str, repeats: int) -> dict:
       count[name] += 1
     elif name.startswith("ThunkExecutor::Execute"):
       steps.append(e["dur"] / 1e3)
+  if not total:
+    raise ValueError("xla_profile: no traced op has a name from the given HLO; it is not the program `run` executes "
+                     f"(or XLA_FLAGS lacks {_FLAG} at process start)")
   ops = [{"op": n, "category": category(n, hlo), "opcode": hlo[n]["opcode"], "ms_per_step": t / repeats,
           "calls_per_step": count[n] / repeats, "source": source_of(n, hlo)} for n, t in total.most_common()]
   cats = collections.Counter()
