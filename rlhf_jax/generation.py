@@ -11,7 +11,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from rlhf_jax import sampling
+from rlhf_jax import decode_kernels, sampling
 from rlhf_jax.data import batching, pipeline
 from rlhf_jax.data.tokenizer import Tokenizer
 from rlhf_jax.losses import ppo as ppo_losses
@@ -24,7 +24,7 @@ Messages = Sequence[dict]
 # Jitted functions are cached per static setting so repeated evaluations compile once.
 @functools.lru_cache(maxsize=32)
 def _generate_fn(cfg, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id, greedy):
-  return jax.jit(lambda p, t, m, r: sampling.generate(
+  return decode_kernels.jit(lambda p, t, m, r: sampling.generate(
       p, cfg, t, m, r, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
       eos_id=eos_id, pad_id=pad_id, greedy=greedy))
 

@@ -34,7 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import sampling
+from rlhf_jax import decode_kernels, sampling
 from rlhf_jax.model import gpt, vit
 from rlhf_jax.model.config import GPTConfig
 
@@ -111,7 +111,7 @@ def logits(params: Params, config: VLMConfig, images, tokens, mask=None, dropout
 
 
 # ----------------------------------------------------------------- cached decoding
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "spec"))
+@functools.partial(decode_kernels.jit, static_argnames=("config", "max_new_tokens", "spec"))
 def _generate_jit(params, config, images, prompt_tokens, prompt_mask, rng, temperature, eos_id, pad_id, *,
                   max_new_tokens, spec):
   """`sampling`'s generation program with the image tokens as the decoder's prefix."""
