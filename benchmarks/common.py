@@ -185,6 +185,7 @@ def peak_memory_bytes() -> int | None:
 
 def machine_info() -> dict:
   import jax
+  from rlhf_jax import decode_kernels
   cpu = platform.processor()
   try:
     for line in open("/proc/cpuinfo"):
@@ -197,7 +198,8 @@ def machine_info() -> dict:
   return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
           "cpu": cpu, "cpu_count": os.cpu_count(), "jax": jax.__version__, "platform": d.platform,
           "device_kind": d.device_kind, "device_count": jax.device_count(),
-          "loadavg_1m_at_start": os.getloadavg()[0], "host_malloc": _HOST_MALLOC}
+          "loadavg_1m_at_start": os.getloadavg()[0], "host_malloc": _HOST_MALLOC,
+          "decode_compiler_options": dict(decode_kernels.options())}
 
 
 def time_calls(fns: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, dict]:

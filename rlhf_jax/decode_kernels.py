@@ -9,8 +9,12 @@ YNNPACK's strength (70 vs 40 GFLOP/s), so only the decoding programs change; a P
 is inlined into the jitted RL step, keeps the default. On the AVX-512 Xeon the default measured 3.13x and
 was left as it is.
 
+That holds for a few rows only: at batch 64 (the evaluation's sampling batch) YNNPACK's decode step is faster
+(8.6 vs 11.8 ms), at 32 the two tie in the decode and YNNPACK's prefill is faster, at 16 XLA's kernels win
+(decode 4.4 vs 6.0 ms). So `auto` switches by the program's batch rows (a static shape).
+
 Modes (environment variable RLHF_JAX_CPU_DECODE, read when a program is compiled):
-  auto     (default) XLA's kernels on x86 CPUs without AVX-512, YNNPACK elsewhere;
+  auto     (default) XLA's kernels on x86 CPUs without AVX-512 for at most MAX_ROWS rows, YNNPACK otherwise;
   ynnpack  XLA:CPU's default everywhere;
   xla      YNNPACK fusions off for the decoding programs on any CPU.
 Non-CPU backends always get their defaults. The two choices compute the same model; their float32
@@ -31,9 +35,11 @@ import jax
 
 ENV = "RLHF_JAX_CPU_DECODE"
 MODES = ("auto", "ynnpack", "xla")
+MAX_ROWS = 16
 _NO_YNNPACK = (("xla_cpu_experimental_ynn_fusion_type", ""),)
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset:
   """The first CPU's feature flags from /proc/cpuinfo ('avx2', 'avx512f', ...); empty where unreadable."""
   try:
@@ -46,10 +52,11 @@ def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset:
   return frozenset()
 
 
-def choose(mode: str, backend: str, machine: str, flags: frozenset) -> tuple:
+def choose(mode: str, backend: str, machine: str, flags: frozenset, rows: int) -> tuple:
   """The compiler options (a tuple of (key, value) pairs; () = defaults) for a decoding program.
 
-  mode: one of MODES; backend: jax.default_backend(); machine: platform.machine(); flags: `cpu_flags()`."""
+  mode: one of MODES; backend: jax.default_backend(); machine: platform.machine(); flags: `cpu_flags()`;
+  rows: the rows the program decodes at once (batch x beams)."""
   if mode not in MODES:
     raise ValueError(f"rlhf_jax/decode_kernels.py: {ENV}={mode!r} must be one of {MODES}")
   if backend != "cpu" or mode == "ynnpack":
@@ -57,7 +64,7 @@ def choose(mode: str, backend: str, machine: str, flags: frozenset) -> tuple:
   if mode == "xla":
     return _NO_YNNPACK
   x86 = machine.lower() in ("x86_64", "amd64", "i686", "i386")
-  return _NO_YNNPACK if x86 and "avx2" in flags and "avx512f" not in flags else ()
+  return _NO_YNNPACK if x86 and "avx2" in flags and "avx512f" not in flags and rows <= MAX_ROWS else ()
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,9 +79,9 @@ def _accepted(options: tuple) -> bool:
     return False
 
 
-def options() -> tuple:
-  """This process's compiler options for decoding programs (see the module docstring)."""
-  opts = choose(os.environ.get(ENV, "auto"), jax.default_backend(), platform.machine(), cpu_flags())
+def options(rows: int = 1) -> tuple:
+  """This process's compiler options for a decoding program of `rows` rows (see the module docstring)."""
+  opts = choose(os.environ.get(ENV, "auto"), jax.default_backend(), platform.machine(), cpu_flags(), rows)
   return opts if opts and _accepted(opts) else ()
 
 
@@ -84,28 +91,29 @@ class _Jit:
   so changing RLHF_JAX_CPU_DECODE in a process takes effect. Called inside another jitted function, it is
   inlined into that program, which keeps its own options."""
 
-  def __init__(self, fn, kwargs):
-    self._fn, self._kwargs, self._jitted = fn, kwargs, {}
+  def __init__(self, fn, rows, kwargs):
+    self._fn, self._rows, self._kwargs, self._jitted = fn, rows, kwargs, {}
     functools.update_wrapper(self, fn)
 
-  def _get(self, args=()):
+  def _get(self, args, kwargs):
     # Inside another jit (traced arguments) only the top-level program may carry compiler options.
-    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args))
-    opts = () if traced else options()
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs)))
+    opts = () if traced else options(int(self._rows(*args, **kwargs)))
     if opts not in self._jitted:
       self._jitted[opts] = jax.jit(self._fn, compiler_options=dict(opts) or None, **self._kwargs)
     return self._jitted[opts]
 
   def __call__(self, *args, **kwargs):
-    return self._get((args, kwargs))(*args, **kwargs)
+    return self._get(args, kwargs)(*args, **kwargs)
 
   def lower(self, *args, **kwargs):
-    return self._get().lower(*args, **kwargs)
+    return self._get(args, kwargs).lower(*args, **kwargs)
 
 
-def jit(fn=None, **kwargs):
-  """`jax.jit` for decoding programs: `decode_kernels.jit(fn, static_argnames=...)`, or as a decorator
-  `@functools.partial(decode_kernels.jit, static_argnames=...)`."""
+def jit(fn=None, *, rows, **kwargs):
+  """`jax.jit` for decoding programs: `decode_kernels.jit(fn, rows=..., static_argnames=...)`, or as a decorator
+  `@functools.partial(decode_kernels.jit, rows=..., static_argnames=...)`. rows(*args, **kwargs) -> int: the
+  rows the call decodes at once (a static shape, e.g. `lambda params, cfg, tokens, *a, **k: tokens.shape[0]`)."""
   if fn is None:
-    return lambda f: _Jit(f, kwargs)
-  return _Jit(fn, kwargs)
+    return lambda f: _Jit(f, rows, kwargs)
+  return _Jit(fn, rows, kwargs)

@@ -26,7 +26,7 @@ Messages = Sequence[dict]
 def _generate_fn(cfg, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id, greedy):
   return decode_kernels.jit(lambda p, t, m, r: sampling.generate(
       p, cfg, t, m, r, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-      eos_id=eos_id, pad_id=pad_id, greedy=greedy))
+      eos_id=eos_id, pad_id=pad_id, greedy=greedy), rows=lambda p, t, m, r: t.shape[0])
 
 
 @functools.lru_cache(maxsize=32)

@@ -270,7 +270,11 @@ def outputs(state: State) -> dict:
           "lengths": jnp.sum(state["mask"], axis=1).astype(jnp.int32), "ended": state["ended"]}
 
 
-@functools.partial(decode_kernels.jit, static_argnames=("config", "max_new_tokens", "spec"))
+def _prompt_rows(params, config, prompt_tokens, *args, **kwargs) -> int:
+  return prompt_tokens.shape[0]
+
+
+@functools.partial(decode_kernels.jit, rows=_prompt_rows, static_argnames=("config", "max_new_tokens", "spec"))
 def _generate_jit(params, config, prompt_tokens, prompt_mask, rng, temperature, eos_id, pad_id, *,
                   max_new_tokens, spec, prefix_embeds=None):
   params = gpt.decode_params(params, config)   # weights sliced per layer once, not on every decode step
@@ -314,7 +318,8 @@ def generate(params, config, prompt_tokens, prompt_mask, rng, *, max_new_tokens:
 
 
 _prefill_jit = jax.jit(_prefill, static_argnums=(1, 8, 9))
-_decode_step_jit = decode_kernels.jit(_decode_step, static_argnums=(1, 3), donate_argnums=(2,))
+_decode_step_jit = decode_kernels.jit(_decode_step, rows=lambda params, cfg, state, spec: state["tokens"].shape[0],
+                                     static_argnums=(1, 3), donate_argnums=(2,))
 
 
 def prefill(params, config, prompt_tokens, prompt_mask, rng, *, max_new_tokens: int, temperature=1.0,
@@ -417,7 +422,8 @@ def _beam_select(bs: State, logp, t, k: int, eos_id, alpha, n: int) -> State:
           "fin_score": fin_score, "fin_len": fin_len, "t": t + 1, "done": done}
 
 
-@functools.partial(decode_kernels.jit, static_argnames=("config", "beam_width", "max_new_tokens"))
+@functools.partial(decode_kernels.jit, rows=lambda *a, beam_width, **k: _prompt_rows(*a) * beam_width,
+                   static_argnames=("config", "beam_width", "max_new_tokens"))
 def _beam_search_jit(params, config, prompt_tokens, prompt_mask, eos_id, pad_id, length_penalty, *, beam_width,
                      max_new_tokens):
   cfg, k, n, alpha = config, beam_width, max_new_tokens, length_penalty

@@ -16,23 +16,25 @@ AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma"})
 AVX512 = AVX2 | {"avx512f", "avx512bw"}
 
 
-@pytest.mark.parametrize("mode,backend,machine,flags,off", [
-    ("auto", "cpu", "x86_64", AVX2, True),         # Zen 3: measured faster without YNNPACK
-    ("auto", "cpu", "x86_64", AVX512, False),      # the AVX-512 Xeons keep XLA's default
-    ("auto", "cpu", "aarch64", frozenset({"asimd", "sve"}), False),
-    ("auto", "cpu", "x86_64", frozenset(), False),  # unknown features: the default
-    ("auto", "gpu", "x86_64", AVX2, False),
-    ("xla", "cpu", "aarch64", frozenset(), True),
-    ("xla", "tpu", "x86_64", AVX2, False),         # never on another backend
-    ("ynnpack", "cpu", "x86_64", AVX2, False),
+@pytest.mark.parametrize("mode,backend,machine,flags,rows,off", [
+    ("auto", "cpu", "x86_64", AVX2, 8, True),          # Zen 3: measured faster without YNNPACK at few rows
+    ("auto", "cpu", "x86_64", AVX2, dk.MAX_ROWS, True),
+    ("auto", "cpu", "x86_64", AVX2, 64, False),        # ... and slower at the evaluation's 64
+    ("auto", "cpu", "x86_64", AVX512, 8, False),       # the AVX-512 Xeons keep XLA's default
+    ("auto", "cpu", "aarch64", frozenset({"asimd", "sve"}), 8, False),
+    ("auto", "cpu", "x86_64", frozenset(), 8, False),  # unknown features: the default
+    ("auto", "gpu", "x86_64", AVX2, 8, False),
+    ("xla", "cpu", "aarch64", frozenset(), 64, True),
+    ("xla", "tpu", "x86_64", AVX2, 8, False),          # never on another backend
+    ("ynnpack", "cpu", "x86_64", AVX2, 8, False),
 ])
-def test_choose(mode, backend, machine, flags, off):
-  assert dk.choose(mode, backend, machine, flags) == (dk._NO_YNNPACK if off else ())
+def test_choose(mode, backend, machine, flags, rows, off):
+  assert dk.choose(mode, backend, machine, flags, rows) == (dk._NO_YNNPACK if off else ())
 
 
 def test_bad_mode_names_the_variable():
   with pytest.raises(ValueError, match=dk.ENV):
-    dk.choose("eigen", "cpu", "x86_64", AVX2)
+    dk.choose("eigen", "cpu", "x86_64", AVX2, 8)
 
 
 def test_cpu_flags(tmp_path):
@@ -92,6 +94,6 @@ def test_both_kernel_choices_sample_the_same_model(monkeypatch):
 def test_inside_another_jit_the_outer_program_decides(monkeypatch):
   """A decoding function called in a traced context is inlined (only top-level jits take compiler options)."""
   monkeypatch.setenv(dk.ENV, "xla")
-  f = dk.jit(lambda x: jnp.tanh(x) @ x)
+  f = dk.jit(lambda x: jnp.tanh(x) @ x, rows=lambda x: x.shape[0])
   x = jnp.arange(16.0).reshape(4, 4) / 16
   np.testing.assert_allclose(jax.jit(lambda x: f(x) + 1)(x), f(x) + 1, atol=1e-6)

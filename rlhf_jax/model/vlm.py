@@ -111,7 +111,8 @@ def logits(params: Params, config: VLMConfig, images, tokens, mask=None, dropout
 
 
 # ----------------------------------------------------------------- cached decoding
-@functools.partial(decode_kernels.jit, static_argnames=("config", "max_new_tokens", "spec"))
+@functools.partial(decode_kernels.jit, rows=lambda params, config, images, tokens, *a, **k: tokens.shape[0],
+                   static_argnames=("config", "max_new_tokens", "spec"))
 def _generate_jit(params, config, images, prompt_tokens, prompt_mask, rng, temperature, eos_id, pad_id, *,
                   max_new_tokens, spec):
   """`sampling`'s generation program with the image tokens as the decoder's prefix."""

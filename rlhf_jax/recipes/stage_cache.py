@@ -13,8 +13,9 @@ A stage's key hashes everything its outcome depends on:
 - each other file or directory the config names: path, size and modification time of every file;
 - the source of `rlhf_jax/` and `experiments/` (any code change is a miss);
 - the numerics: the versions of jax, jaxlib, flax, optax, orbax, numpy, tokenizers, transformers, ...;
-  backend, device kind and count, x64 and matmul precision, XLA_FLAGS, the CPU cores this process may
-  use (XLA:CPU's reductions split by thread count).
+  backend, device kind and count, x64 and matmul precision, XLA_FLAGS, the decoding programs' compiler
+  options (`rlhf_jax/decode_kernels.py`), the CPU cores this process may use (XLA:CPU's reductions split
+  by thread count).
 A stage reading a stage that has no key (run before the cache existed, or with it off) is not cached,
 nor is any stage of a multi-process run.
 
@@ -71,12 +72,13 @@ def _version(package: str) -> str:
 
 def _environment() -> dict:
   import jax
+  from rlhf_jax import decode_kernels
   devices = jax.devices()
   return {"packages": {p: _version(p) for p in _PACKAGES}, "backend": jax.default_backend(),
           "x64": bool(jax.config.jax_enable_x64), "matmul_precision": str(jax.config.jax_default_matmul_precision),
           "devices": len(devices), "device_kind": devices[0].device_kind, "processes": jax.process_count(),
           "xla_flags": os.environ.get("XLA_FLAGS", ""), "cores": len(os.sched_getaffinity(0)),
-          "machine": platform.machine()}
+          "machine": platform.machine(), "decode_compiler_options": dict(decode_kernels.options())}
 
 
 def _path_stamp(path: str) -> list:
