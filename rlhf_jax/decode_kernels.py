@@ -3,8 +3,8 @@
 A decode step multiplies a handful of rows (the batch) by every weight matrix: GEMV-shaped dots that read
 each weight once, plus small reductions and elementwise ops. XLA:CPU hands dots, reductions and elementwise
 chains to YNNPACK fusions by default. On AMD Zen 3 (x86 with AVX2 and no AVX-512) XLA's own emitters and
-Eigen run the decode step faster: the mini model's step (4 x 256, batch 8) 4.8 -> 3.4 ms, `generate` 2.16x
--> 2.95x transformers (benchmarks/RESULTS.md, 2026-12-03). There the training programs' large dots are
+Eigen run the decode step faster: the mini model's step (4 x 256, batch 8) 4.8 -> 3.3 ms, `generate` 2.16x
+-> 2.85x transformers (benchmarks/RESULTS.md, 2026-12-03). There the training programs' large dots are
 YNNPACK's strength (70 vs 40 GFLOP/s), so only the decoding programs change; a PPO iteration, whose rollout
 is inlined into the jitted RL step, keeps the default. On the AVX-512 Xeon the default measured 3.13x and
 was left as it is.
