@@ -1,6 +1,4 @@
 """rlhf_jax/decode_kernels.py: which CPUs get which kernels, and that both kernel choices sample the same model."""
-import warnings
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,10 +67,8 @@ def _generate(mode, monkeypatch, **kw):
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU kernel choice")
 def test_both_kernel_choices_sample_the_same_model(monkeypatch):
-  with warnings.catch_warnings():
-    warnings.simplefilter("error")   # the option is accepted by this jax (no fallback warning)
-    monkeypatch.setenv(dk.ENV, "xla")
-    assert dk.options() == dk._NO_YNNPACK
+  monkeypatch.setenv(dk.ENV, "xla")
+  assert dk.options() == dk._NO_YNNPACK   # this jax's XLA accepts the option (else it falls back to ())
   toks, mask = _prompts()
   args = (init_params(CFG, 0), CFG, toks, mask, jax.random.PRNGKey(5), jnp.float32(1.0), jnp.int32(-1), jnp.int32(0))
   hlo = sampling._generate_jit.lower(*args, max_new_tokens=8, spec=sampling.SamplingSpec()).compile().as_text()
